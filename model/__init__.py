@@ -1,0 +1,1 @@
+"""ResNet encoder + projector, the fused EMP-SSL objective, and LARS."""

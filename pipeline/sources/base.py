@@ -1,0 +1,60 @@
+"""The interface every source implements: batches of decoded uint8 images on the device.
+
+A source is built for one split of one converted dataset and yields, per step,
+``(images, labels)`` already on ``device``: ``images`` uint8 (B, H, W, 3) (or (B, 3, H, W)),
+``labels`` int64 (B,). It never augments: augmentation is pipeline.patches' job.
+
+Epoch order is a pure function of (seed, epoch), so a run resumed at (epoch, batch) sees the
+same batches as an uninterrupted one. Under DDP each rank reads a disjoint 1/world shard of
+every epoch's order (the global batch is ``batch_size * world``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class SourceOptions:
+    batch_size: int  # images per rank per step
+    device: torch.device | str = "cpu"
+    shuffle: bool = True
+    drop_last: bool = True
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0  # decode threads/processes; 0 = the source's own default
+
+
+class Source:
+    """Base class. Subclasses set ``num_images`` and implement ``_iter(epoch, start_batch)``."""
+
+    name = "base"
+
+    def __init__(self, root, split: str, opts: SourceOptions):
+        self.root, self.split, self.opts = root, split, opts
+        self.epoch = 0
+        self.start_batch = 0
+        self.num_images = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's order; the next iteration starts at batch ``start_batch``."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        per_rank = self.num_images // self.opts.world_size
+        if self.opts.drop_last:
+            return per_rank // self.opts.batch_size
+        return -(-per_rank // self.opts.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._iter(self.epoch, self.start_batch)
+
+    def _iter(self, epoch: int, start_batch: int):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
