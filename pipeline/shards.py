@@ -1,0 +1,151 @@
+"""WebDataset shards for the dali source: ``<split>/shard-NNNNN.tar`` + ``shard-NNNNN.idx``.
+
+Each shard is a plain (uncompressed, USTAR) tar whose samples are two members in a row,
+``<key>.jpg`` (the JPEG bytes as given) and ``<key>.cls`` (the label as ASCII decimal), where
+``<key>`` is the sample's global index in dataset order, zero-padded to 9 digits.
+
+Beside every tar lies the index that ``nvidia.dali.fn.readers.webdataset(index_paths=...)``
+reads, in the layout of DALI's ``wds2idx`` tool (index version ``v1.2``):
+
+    v1.2 <number of samples>
+    jpg <data offset> <size> <key>.jpg cls <data offset> <size> <key>.cls      (one line a sample)
+
+where the offset is the byte offset of the member's data (its 512-byte header excluded).
+We write it ourselves while writing the tar, so no ``tar`` subprocess is needed.
+
+Tars are reproducible: fixed mtime/owner/mode, so the same samples give the same sha256.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import UserError
+from .formats import DALI_EXTENSIONS, dali_index_name, dali_shard_name, write_bytes_atomic
+
+INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset reads
+KEY_DIGITS = 9
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_JPG, _CLS = DALI_EXTENSIONS
+
+
+def sample_key(index: int) -> str:
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class _ShardWriter:
+    """One tar written to a temp file beside its final name; ``close`` renames tar then idx."""
+
+    def __init__(self, out_dir: Path, shard_index: int):
+        self.tar_path = out_dir / dali_shard_name(shard_index)
+        self.idx_path = out_dir / dali_index_name(shard_index)
+        fd, self.tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{self.tar_path.name}.",
+                                        suffix=".tmp")
+        self.file = os.fdopen(fd, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.lines: list[str] = []
+
+    def _add(self, name: str, data: bytes) -> str:
+        start = self.tar.offset  # where this member's header begins
+        self.tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        return f"{start + _BLOCK} {len(data)} {name}"  # USTAR: one header block, short names
+
+    def add(self, key: str, jpeg: bytes, label: int) -> None:
+        jpg = self._add(f"{key}.{_JPG}", jpeg)
+        cls = self._add(f"{key}.{_CLS}", str(int(label)).encode("ascii"))
+        self.lines.append(f"{_JPG} {jpg} {_CLS} {cls}")
+
+    def close(self) -> Path:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.tar_path)
+        index = f"{INDEX_VERSION} {len(self.lines)}\n" + "".join(l + "\n" for l in self.lines)
+        write_bytes_atomic(self.idx_path, index.encode("ascii"))
+        return self.tar_path
+
+    def abort(self) -> None:
+        try:
+            self.tar.close()
+            self.file.close()
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+def write_shards(out_dir: Path | str, samples: Iterable[tuple[bytes, int]],
+                 samples_per_shard: int = 5000) -> list[Path]:
+    """Write (jpeg_bytes, label) samples, in order, as WebDataset shards + DALI indexes.
+
+    Returns the tar paths in shard order. Every file appears only complete (temp + rename);
+    an exception midway leaves the shards finished so far and no temp file.
+    """
+    if samples_per_shard < 1:
+        raise UserError(f"samples_per_shard={samples_per_shard}: must be >= 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    writer: _ShardWriter | None = None
+    n = 0
+    try:
+        for n, (jpeg, label) in enumerate(samples):
+            if n % samples_per_shard == 0:
+                if writer is not None:
+                    paths.append(writer.close())
+                writer = _ShardWriter(out_dir, n // samples_per_shard)
+            writer.add(sample_key(n), bytes(jpeg), label)
+        if writer is not None:
+            paths.append(writer.close())
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return paths
+
+
+def index_count(idx_path: Path | str) -> int:
+    """Samples in a shard, from its index's header line ``v1.2 <count>``."""
+    with open(idx_path, "rb") as f:
+        head = f.readline().split()
+    if len(head) != 2 or head[0] != INDEX_VERSION.encode() or not head[1].isdigit():
+        raise UserError(f"{idx_path}: not a DALI webdataset index ({INDEX_VERSION}); "
+                        f"re-convert with --overwrite")
+    return int(head[1])
+
+
+def read_shards(shard_dir: Path | str) -> Iterator[tuple[bytes, int]]:
+    """(jpeg_bytes, label) of every sample in ``shard_dir``'s shards, in dataset order."""
+    shard_dir = Path(shard_dir)
+    tars = sorted(shard_dir.glob("shard-*.tar"))
+    if not tars:
+        raise UserError(f"{shard_dir}: no shard-*.tar files; convert with --formats dali")
+    for tar_path in tars:
+        with tarfile.open(tar_path, mode="r:") as tf:
+            pending: dict[str, bytes] = {}
+            key = None
+            for member in tf:
+                if not member.isfile():
+                    continue
+                k, _, ext = member.name.partition(".")
+                if key is not None and k != key:
+                    raise UserError(f"{tar_path}: sample {key} is missing .{_JPG} or .{_CLS}")
+                key = k
+                pending[ext] = tf.extractfile(member).read()
+                if _JPG in pending and _CLS in pending:
+                    yield pending[_JPG], int(pending[_CLS].decode("ascii"))
+                    pending, key = {}, None
+            if pending:
+                raise UserError(f"{tar_path}: sample {key} is missing .{_JPG} or .{_CLS}")
