@@ -83,6 +83,8 @@ class Manifest:
     jpeg_quality: int = 90
     tool_version: str = ""
     schema_version: int = SCHEMA_VERSION
+    source_format: str = ""  # imagefolder | tiny-imagenet | cifar10-pickle | cifar100-pickle
+    resize: int | None = None  # --resize SIDE (shorter side, then center crop), None if not
 
     @property
     def num_classes(self) -> int:
