@@ -1,7 +1,6 @@
 """Shared fixtures: the real CIFAR-10 JPEGs from ../shared, a small subset of them, converted."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -35,15 +34,29 @@ def cifar_jpeg_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cifar_subset_dir(cifar_jpeg_dir, tmp_path_factory) -> Path:
-    """A real-CIFAR ImageFolder with 50 train and 10 test images per class (500 + 100)."""
+def cifar_subset_dir(tmp_path_factory) -> Path:
+    """A real-CIFAR ImageFolder with 50 train and 10 test images per class (500 + 100).
+
+    Streams the shared archive once and writes only those files (the first ones of each class
+    in archive order), rather than unpacking all 60,000.
+    """
+    if not SHARED_CIFAR.is_file():
+        pytest.skip(f"{SHARED_CIFAR} not found (tests read the real data from ../shared)")
+    want = {"train": 50, "test": 10}
     out = tmp_path_factory.mktemp("cifar-subset")
-    for split, per_class in (("train", 50), ("test", 10)):
-        for cls_dir in sorted((cifar_jpeg_dir / split).iterdir()):
-            dst = out / split / cls_dir.name
-            dst.mkdir(parents=True)
-            for f in sorted(cls_dir.iterdir())[:per_class]:
-                shutil.copy(f, dst / f.name)
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(SHARED_CIFAR, "r|xz") as tf:
+        for m in tf:
+            parts = Path(m.name).parts
+            if not m.isfile() or len(parts) < 3 or parts[-3] not in want:
+                continue
+            split, cls = parts[-3], parts[-2]
+            if taken.get((split, cls), 0) >= want[split]:
+                continue
+            taken[(split, cls)] = taken.get((split, cls), 0) + 1
+            dst = out / split / cls / parts[-1]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(tf.extractfile(m).read())
     return out
 
 

@@ -1,0 +1,100 @@
+"""One EMP-SSL optimisation step on a patch tensor: encode, fused loss, backward, LARS.
+
+Shared by train.py and benchmarks/train_throughput.py so both measure the same code. It knows
+nothing of data sources: it takes patches (n, B, 3, S, S) already on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .loss import emp_ssl_loss
+
+
+@contextlib.contextmanager
+def bn_frozen_stats(model: nn.Module):
+    """BatchNorm in train mode (batch statistics) but running averages left untouched."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+class EmpStep:
+    """Callable step. ``net`` is what runs forward (maybe DDP-wrapped and/or compiled), ``model``
+    the plain module inside it (for BatchNorm handling), ``opt`` the optimizer.
+
+    ``patch_chunk`` K > 0 backprops K patch groups at a time (see :meth:`chunked`).
+    Under DDP (``world > 1``) Z is all-gathered with gradients so the coding rate sees the
+    global batch; DDP's gradient averaging then yields exactly d(global loss)/d(params).
+    """
+
+    def __init__(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, *,
+                 lam: float = 200.0, eps: float = 0.2, amp: str = "fp32", patch_chunk: int = 0,
+                 world: int = 1, ddp: nn.Module | None = None):
+        self.net, self.model, self.opt = net, model, opt
+        self.lam, self.eps, self.amp, self.patch_chunk = lam, eps, amp, patch_chunk
+        self.world, self.ddp = world, ddp
+
+    def autocast(self, device_type: str):
+        if self.amp == "bf16":
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        n, b = patches.shape[:2]
+        x = patches.reshape(n * b, *patches.shape[2:]).contiguous(memory_format=torch.channels_last)
+        with self.autocast(patches.device.type):
+            _, z = self.net(x)  # (n*B, d)
+        return z.float().view(n, b, -1)  # (n, B, d)
+
+    def loss(self, z: torch.Tensor):
+        # check=False: no host sync; a failed Cholesky gives a NaN loss, which the trainer's
+        # throttled non-finite check reports. gather: the coding rate sees the global batch.
+        return emp_ssl_loss(z, lam=self.lam, eps=self.eps, check=False, gather=self.world > 1)
+
+    def chunked(self, patches: torch.Tensor, k: int):
+        """Backprop K patch groups at a time, with the gradient of one big step.
+
+        1. Forward every group without grad (in chunks of K, BatchNorm running stats untouched)
+           to get Z (n, B, d). 2. The loss and dL/dZ on that detached Z (cheap). 3. Re-run the
+        encoder K groups at a time with grad and backpropagate dL/dZ_chunk; gradients add up.
+        Memory holds one chunk's activations. BatchNorm normalises each chunk with that chunk's
+        batch statistics (in both passes, so 1 and 3 agree exactly), and the running averages
+        are updated once per chunk; the unchunked step uses the statistics of all n*B patches.
+        So the two gradients are equal with BatchNorm in eval mode and differ only through
+        those batch statistics in train mode.
+        """
+        n = patches.shape[0]
+        with torch.no_grad(), bn_frozen_stats(self.model):
+            z = torch.cat([self.encode(patches[i:i + k]) for i in range(0, n, k)])  # (n, B, d)
+        z.requires_grad_(True)
+        loss, tcr, inv = self.loss(z)
+        (gz,) = torch.autograd.grad(loss, z)  # (n, B, d)
+        starts = list(range(0, n, k))
+        for j, i in enumerate(starts):
+            last = j == len(starts) - 1
+            with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
+                self.encode(patches[i:i + k]).backward(gz[i:i + k])
+        return loss.detach(), tcr.detach(), inv.detach()
+
+    def __call__(self, patches: torch.Tensor, lr: float):
+        """patches (n, B, 3, S, S) -> (loss, tcr, inv) detached tensors; no host sync."""
+        k = self.patch_chunk
+        if k and k < patches.shape[0]:
+            loss, tcr, inv = self.chunked(patches, k)
+        else:
+            loss, tcr, inv = self.loss(self.encode(patches))
+            loss.backward()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach(), tcr.detach(), inv.detach()

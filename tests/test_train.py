@@ -1,0 +1,170 @@
+"""train.py end to end on real CIFAR-10 images (CPU, narrow model): learning, exact resume,
+signals, chunked backprop, DDP under torchrun, and every bad-input case."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_tool
+from model.checkpoint import load_checkpoint
+
+import train
+
+SMALL = ["--config", "configs/demo.yaml", "--num-patches", "4", "--data.batch_size", "50",
+         "--data.max_images", "0", "--model.projector", "128,32", "--run.log_every", "1",
+         "--run.tensorboard", "false", "--device", "cpu"]
+
+
+def small_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*SMALL, "--data", str(data), "--out", str(out), *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_outputs_written(cifar_subset_data, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(small_args(cifar_subset_data, out, "--epochs", "3")) == 0
+    rows = [r for r in metrics(out) if "summary" not in r]
+    assert len(rows) == 30  # 500 images / 50 per step * 3 epochs
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    assert rows[-1]["lr"] < rows[0]["lr"]  # cosine decays
+    summary = metrics(out)[-1]
+    assert summary["summary"] and summary["patches_per_s"] > 0
+    ckpt = load_checkpoint(out / "ckpt.pt")  # weights_only=True inside
+    assert ckpt["step"] == 30 and ckpt["patch"] == {"patch_size": 16, "out_size": 32}
+    assert ckpt["data"]["classes"][0] == "airplane"
+    saved = (out / "config.yaml").read_text()
+    assert "git_commit" in saved and "num_patches: 4" in saved
+
+
+def test_resume_is_bit_exact(cifar_subset_data, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train.main(small_args(cifar_subset_data, full, "--epochs", "2")) == 0
+    # stop after 7 steps (mid-epoch), then after 6 more (crossing the epoch boundary), then finish
+    assert train.main(small_args(cifar_subset_data, part, "--epochs", "2", "--run.max_steps", "7")) == 0
+    assert load_checkpoint(part / "ckpt.pt")["step"] == 7
+    assert train.main(small_args(cifar_subset_data, part, "--epochs", "2", "--run.max_steps", "6",
+                                 "--resume")) == 0
+    assert train.main(small_args(cifar_subset_data, part, "--epochs", "2", "--resume")) == 0
+    a, b = load_checkpoint(full / "ckpt.pt"), load_checkpoint(part / "ckpt.pt")
+    assert a["step"] == b["step"] == 20
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for pid, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
+
+
+def test_sigterm_leaves_loadable_checkpoint(cifar_subset_data, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *small_args(cifar_subset_data, out, "--epochs", "50")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert 2 <= ckpt["step"] < 500
+    assert set(ckpt["model"]) == set(train.build_encoder(train.encoder_config(train.ModelConfig(
+        width=16, projector=[128, 32]))).state_dict())
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def test_patch_chunk_gradient_matches_unchunked(cifar_subset_data, tmp_path):
+    cfg, _ = train.parse_args(small_args(cifar_subset_data, tmp_path / "r", "--num-patches", "6"))
+    tr = train.Trainer(cfg, resume=False)
+    tr.source.set_epoch(0)
+    batch = next(iter(tr.source))
+    patches = tr._patches(batch, 0)  # (6, 50, 3, 32, 32)
+    tr.model.eval()  # BatchNorm on running statistics: the chunked gradient must match exactly
+    loss, _, _ = tr.step_fn.loss(tr.step_fn.encode(patches))
+    loss.backward()
+    g_full = _grads(tr.model)
+    tr.model.zero_grad(set_to_none=True)
+    loss_c, _, _ = tr.step_fn.chunked(patches, 4)  # chunks of 4 and 2 groups
+    g_chunk = _grads(tr.model)
+    assert torch.allclose(loss, loss_c, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_full, g_chunk):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    # train mode: per-chunk batch statistics, running stats untouched by the no-grad pass
+    tr.model.train()
+    tr.model.zero_grad(set_to_none=True)
+    bn = next(m for m in tr.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    loss_t, _, _ = tr.step_fn.chunked(patches, 3)
+    assert torch.isfinite(loss_t)
+    assert all(torch.isfinite(g).all() for g in _grads(tr.model))
+    assert not torch.equal(before, bn.running_mean)  # the two grad passes did update them
+
+
+def test_ddp_two_process_gloo(cifar_subset_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "train.py",
+                           *small_args(cifar_subset_data, out, "--epochs", "1")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in metrics(out) if "summary" not in r]
+    assert len(rows) == 10  # global batch 50 (25 per rank) over 500 images: 10 steps, rank 0 logs
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 10 and not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def _bad(args: list[str]) -> str:
+    proc = run_tool("train.py", *args, check=False, timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("train: error: "), proc.stderr
+    return lines[0]
+
+
+def test_bad_inputs(cifar_subset_data, tmp_path):
+    assert "no such preset" in _bad(["--config", "configs/nope.yaml"])
+    assert "no manifest" in _bad(small_args(tmp_path / "missing", tmp_path / "o1"))
+    assert "unknown key 'optim.lrr'" in _bad(small_args(cifar_subset_data, tmp_path / "o2", "--optim.lrr", "1"))
+    assert "--optim.lr" in _bad(small_args(cifar_subset_data, tmp_path / "o3", "--optim.lr", "abc"))
+    assert "--source" in _bad(small_args(cifar_subset_data, tmp_path / "o4", "--source", "tape"))
+    assert "--resume" in _bad(small_args(cifar_subset_data, tmp_path / "o5", "--resume"))
+    # a 64px dataset under the 32px cifar preset
+    big = tmp_path / "tiny64"
+    big.mkdir()
+    man = json.loads((cifar_subset_data / "manifest.json").read_text())
+    man["splits"]["train"]["shape"] = [64, 64, 3]
+    (big / "manifest.json").write_text(json.dumps(man))
+    assert "64x64" in _bad(small_args(big, tmp_path / "o6"))
+    assert "cifar stem" in _bad(small_args(cifar_subset_data, tmp_path / "o7", "--data.out_size", "64"))
+    # an existing run without --resume
+    out = tmp_path / "o8"
+    assert train.main(small_args(cifar_subset_data, out, "--epochs", "0.2")) == 0
+    assert "already holds a run" in _bad(small_args(cifar_subset_data, out))
+
+
+def test_missing_optional_library_is_one_line(cifar_subset_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali -> ImportError
+    code = train.main(small_args(cifar_subset_data, tmp_path / "o", "--source", "dali"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("train: error: --source dali") and "pip install" in err
