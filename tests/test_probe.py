@@ -189,7 +189,7 @@ def test_cli_end_to_end_writes_results_and_plots(cifar_subset_data, tmp_path):
     assert r["linear_best_top1"] >= r["linear_top1"]
     assert r["linear_top1"] == r["linear_history"][-1]["test_top1"] and len(r["linear_history"]) == 5
     assert r["num_train"] == 500 and r["num_test"] == 100
-    assert r["feature"] == "backbone" and r["feature_dim"] == 128  # 8 * width
+    assert r["feature"] == "pre_projector" and r["feature_dim"] == 64  # the default: first projector block
     assert r["test_patches"] == 4 and r["eval_mode"] == "augmented" and r["random_init"] is False
     assert r["dataset"]["name"] == "cifar10-subset" and r["dataset"]["test_split"] == "test"
     assert r["checkpoint"]["sha256"] == probe.sha256_file(ckpt)

@@ -1,0 +1,185 @@
+"""Collect benchmarks/results/**/*.json into one Markdown report with plots.
+
+    python benchmarks/report.py [--results benchmarks/results] [--out benchmarks/results/REPORT.md]
+
+Every figure in the tables carries where (hardware) and when (date) it was measured, taken
+from the JSON that holds it. Recognised files: pipeline_throughput*, train_throughput*,
+loss_and_model*, conversion*, probe_*, time_to_accuracy*; others are listed as unrecognised.
+Plots (PNG beside the report): pipeline patches/s per source with the reference baseline,
+training patches/s per option and source.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def where(d: dict) -> str:
+    hw = d.get("hardware", {}) or {}
+    name = hw.get("gpu") or hw.get("cpu_model") or "?"
+    if not hw.get("gpu") and hw.get("nproc"):
+        name = f"{name} ({hw['nproc']} cores)"
+    return name
+
+
+def when(d: dict, path: Path) -> str:
+    return str(d.get("date", "") or "")[:10] or path.parent.name
+
+
+def _fmt(x, digits=0) -> str:
+    return f"{x:,.{digits}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def pipeline_table(files) -> list[str]:
+    out = ["| source | device | n | patches/s | images/s | vs reference | hardware | date | file |",
+           "|---|---|---|---:|---:|---:|---|---|---|"]
+    for path, d in files:
+        for r in d.get("rows", []):
+            if "patches_per_s" not in r:
+                continue
+            vs = r.get("vs_reference")
+            out.append(f"| {r['source']} | {r['device']} | {r['n']} | {_fmt(r['patches_per_s'])} | "
+                       f"{_fmt(r.get('images_per_s', 0))} | {f'{vs:.1f}x' if vs else ''} | {where(d)} | "
+                       f"{when(d, path)} | {path.name} |")
+    return out
+
+
+def train_table(files) -> list[str]:
+    out = ["| source | option | n | device | amp | patches/s | pipeline overhead | hardware | date | file |",
+           "|---|---|---|---|---|---:|---:|---|---|---|"]
+    for path, d in files:
+        for r in d.get("rows", []):
+            if "patches_per_s" not in r:
+                continue
+            ov = r.get("pipeline_overhead")
+            out.append(f"| {r['source']} | {r['option']} | {r['n']} | {r['device']} | {r.get('amp', '')} | "
+                       f"{_fmt(r['patches_per_s'])} | {f'{100 * ov:.1f}%' if ov is not None else ''} | "
+                       f"{where(d)} | {when(d, path)} | {path.name} |")
+    return out
+
+
+def generic_rows(files) -> list[str]:
+    out = ["| what | figures | hardware | date | file |", "|---|---|---|---|---|"]
+    for path, d in files:
+        rows = d.get("rows") or d.get("results") or []
+        for r in rows if isinstance(rows, list) else []:
+            keys = {k: v for k, v in r.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+            text = ", ".join(f"{k}={_fmt(v, 4) if isinstance(v, float) else v}" for k, v in list(keys.items())[:8])
+            out.append(f"| {path.stem.split('_')[0]} | {text} | {where(d)} | {when(d, path)} | {path.name} |")
+    return out
+
+
+def conversion_rows(files) -> list[str]:
+    out = ["| images | per format (images/s, end to end) | total images/s | hardware | date | file |",
+           "|---:|---|---:|---|---|---|"]
+    for path, d in files:
+        ips = d.get("images_per_s", {})
+        per = ", ".join(f"{k.split('_')[0]} {_fmt(v)}" for k, v in ips.items() if k.endswith("end_to_end"))
+        hw = d.get("hardware", {})
+        name = f"{hw.get('cpu_model', '?')} ({hw.get('nproc', '?')} cores)"
+        out.append(f"| {_fmt(d.get('dataset', {}).get('images', '?'))} | {per} | {_fmt(ips.get('total', 0))} | "
+                   f"{name} | {path.parent.name if path.parent.name != 'results' else ''} | {path.name} |")
+    return out
+
+
+def _pct(x) -> str:
+    """probe.py reports fractions; results from before that change hold percent."""
+    if not isinstance(x, (int, float)):
+        return "?"
+    return f"{100 * x:.2f}%" if x <= 1 else f"{x:.2f}%"
+
+
+def probe_rows(files) -> list[str]:
+    out = ["| checkpoint | n | epochs | feature | test patches | linear top-1 | kNN top-1 | file |",
+           "|---|---:|---:|---|---:|---:|---:|---|"]
+    for path, d in files:
+        ck = d.get("checkpoint", {})
+        cfg_n = ck.get("num_patches", "")
+        out.append(f"| {ck.get('path', '?')} | {cfg_n} | {ck.get('epoch', '')} | {d.get('feature')} | "
+                   f"{d.get('test_patches')} | {_pct(d.get('linear_top1'))} | {_pct(d.get('knn_top1'))} | "
+                   f"{path.parent.name}/{path.name} |")
+    return out
+
+
+def plot_bars(rows: list[tuple[str, float]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    ax.barh([r[0] for r in rows], [r[1] for r in rows], color="#4477aa")
+    ax.set_xscale("log")
+    ax.set_xlabel("patches / s (log)")
+    ax.set_title(title, fontsize=9)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=None, help="default: <results>/REPORT.md")
+    a = p.parse_args(argv)
+    res = Path(a.results)
+    out = Path(a.out) if a.out else res / "REPORT.md"
+    groups: dict[str, list] = {"pipeline": [], "train": [], "loss": [], "conversion": [], "probe": [],
+                               "tta": [], "other": []}
+    for path in sorted(res.rglob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"report: skipping {path}: {e}", file=sys.stderr)
+            continue
+        name = path.name
+        key = ("pipeline" if name.startswith("pipeline") else "train" if name.startswith("train_throughput")
+               else "loss" if name.startswith("loss_and_model") else "conversion" if name.startswith("conversion")
+               else "probe" if name.startswith("probe") else "tta" if name.startswith("time_to_accuracy")
+               else "other")
+        groups[key].append((path, d))
+    lines = ["# Benchmark report", "", f"Generated by `python benchmarks/report.py` from {len(sum(groups.values(), []))} "
+             "result files. Each row names the hardware and date of its own measurement.", ""]
+    if groups["conversion"]:
+        lines += ["## Dataset conversion", "", *conversion_rows(groups["conversion"]), ""]
+    if groups["pipeline"]:
+        lines += ["## Input pipeline (source + on-device patches)", "", *pipeline_table(groups["pipeline"]), "",
+                  "![pipeline](pipeline.png)", ""]
+        plot_bars([(f"{r['source']} {r['device']} n={r['n']} ({where(d)[:14]})", r["patches_per_s"])
+                   for _, d in groups["pipeline"] for r in d.get("rows", []) if "patches_per_s" in r],
+                  "pipeline patches/s per source (reference = the paper's PIL path)", out.parent / "pipeline.png")
+    if groups["train"]:
+        lines += ["## Training step", "", *train_table(groups["train"]), "", "![train](train.png)", ""]
+        plot_bars([(f"{r['source']} {r['option']} n={r['n']} {r['device']}", r["patches_per_s"])
+                   for _, d in groups["train"] for r in d.get("rows", []) if "patches_per_s" in r],
+                  "training patches/s per option", out.parent / "train.png")
+    if groups["loss"]:
+        lines += ["## Loss and model", "", *generic_rows(groups["loss"]), ""]
+    if groups["probe"]:
+        lines += ["## Probes", "", *probe_rows(groups["probe"]), ""]
+    if groups["tta"]:
+        lines += ["## Time to accuracy", ""]
+        for path, d in groups["tta"]:
+            lines.append(f"- `{path.name}` ({where(d.get('environment', {}))}): " + ", ".join(
+                f"{pt['epoch']:.2g} ep / {pt['train_minutes']:.1f} min: {100 * pt['linear_top1']:.1f}%"
+                for pt in d.get("points", [])))
+        lines.append("")
+    if groups["other"]:
+        lines += ["Unrecognised result files: " + ", ".join(p.name for p, _ in groups["other"]), ""]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+    print(f"report: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
