@@ -1,0 +1,39 @@
+"""Sources: one split of a converted dataset -> batches on the device. See base.Source.
+
+    memory     the whole split as one uint8 tensor on the device        (memory.py)
+    dali       WebDataset JPEG shards, nvJPEG decode (CPU without a GPU)  (dali.py)
+    ffcv       a .beton decoded by FFCV threads                          (ffcv.py)
+    reference  the paper's CPU path, PIL per patch in DataLoader workers;
+               yields the patches themselves (``yields_patches = True``)  (reference.py)
+
+The dali and ffcv modules (and their libraries) are imported only when asked for.
+"""
+from __future__ import annotations
+
+from ..errors import UserError
+from .base import Source, SourceOptions
+
+SOURCES = ("memory", "dali", "ffcv", "reference")
+
+
+def build_source(name: str, root, split: str, opts: SourceOptions, **kwargs) -> Source:
+    """The source ``name`` for ``split`` of the converted dataset at ``root``.
+
+    kwargs go to the source's constructor (the reference source needs num_patches,
+    patch_size, out_size, mean, std, augment). Sources that yield the patches themselves
+    have ``yields_patches = True``; test with ``getattr(source, "yields_patches", False)``.
+    """
+    if name == "memory":
+        from .memory import MemorySource as cls
+    elif name == "dali":
+        from .dali import DaliSource as cls
+    elif name == "ffcv":
+        from .ffcv import FfcvSource as cls
+    elif name == "reference":
+        from .reference import ReferenceSource as cls
+    else:
+        raise UserError(f"--source {name!r}: unknown source; choose one of {', '.join(SOURCES)}")
+    return cls(root, split, opts, **kwargs)
+
+
+__all__ = ["SOURCES", "Source", "SourceOptions", "build_source"]
