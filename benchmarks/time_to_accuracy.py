@@ -78,7 +78,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"{result['config']} on {result['dataset_name']} ({result['environment']['hardware']['device']})",
+    hw = result["environment"]["hardware"]
+    fig.suptitle(f"{result['config']} on {result['dataset_name']} ({hw.get('gpu') or hw.get('cpu_model', '?')})",
                  fontsize=9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")

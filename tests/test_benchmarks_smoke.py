@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end at demo scale on a CPU and report.py collects them."""
+from __future__ import annotations
+
+import json
+
+from conftest import run_tool
+
+
+def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
+    res = tmp_path / "results"
+    d = str(cifar_subset_data)
+    run_tool("benchmarks/pipeline_throughput.py", "--data", d, "--n", "20", "--sources", "memory,reference",
+             "--devices", "cpu", "--steps", "2", "--repeats", "1", "--warmup", "2",
+             "--json", str(res / "pipeline_smoke.json"))
+    run_tool("benchmarks/train_throughput.py", "--data", d, "--n", "4", "--batch-size", "10", "--steps", "1",
+             "--warmup", "1", "--repeats", "1", "--options", "eager", "--sources", "memory",
+             "--json", str(res / "train_throughput_smoke.json"))
+    run_tool("benchmarks/time_to_accuracy.py", "--smoke", "--data", d, "--points", "0.5,1",
+             "--out", str(tmp_path / "tta"), "--json", str(res / "time_to_accuracy_smoke.json"))
+    run_tool("benchmarks/report.py", "--results", str(res))
+
+    pipe = json.loads((res / "pipeline_smoke.json").read_text())
+    mem = [r for r in pipe["rows"] if r["source"] == "memory"]
+    assert mem and mem[0]["patches_per_s"] > 0 and mem[0]["vs_reference"] > 0
+    assert pipe["hardware"]["nproc"] >= 1 and "torch" in pipe["versions"]
+    train = json.loads((res / "train_throughput_smoke.json").read_text())
+    assert {r["source"] for r in train["rows"]} == {"synthetic", "memory"}
+    assert all(r["patches_per_s"] > 0 for r in train["rows"])
+    tta = json.loads((res / "time_to_accuracy_smoke.json").read_text())
+    assert [round(p["epoch"], 2) for p in tta["points"]] == [0.6, 1.0]  # 5 steps/epoch: 3 and 5 steps
+    assert all(0 <= p["linear_top1"] <= 1 and p["train_minutes"] > 0 for p in tta["points"])
+    assert (res / "time_to_accuracy_smoke.png").read_bytes()[:4] == b"\x89PNG"
+    report = (res / "REPORT.md").read_text()
+    for section in ("Input pipeline", "Training step", "Time to accuracy"):
+        assert section in report
+    assert (res / "pipeline.png").is_file() and (res / "train.png").is_file()
