@@ -30,6 +30,11 @@ def when(d: dict, path: Path) -> str:
     return str(d.get("date", "") or "")[:10] or path.parent.name
 
 
+def _name(path: Path) -> str:
+    """File name, with its sub-folder of results/ when it has one."""
+    return path.name if path.parent.name == "results" else f"{path.parent.name}/{path.name}"
+
+
 def _fmt(x, digits=0) -> str:
     return f"{x:,.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
@@ -44,7 +49,7 @@ def pipeline_table(files) -> list[str]:
             vs = r.get("vs_reference")
             out.append(f"| {r['source']} | {r['device']} | {r['n']} | {_fmt(r['patches_per_s'])} | "
                        f"{_fmt(r.get('images_per_s', 0))} | {f'{vs:.1f}x' if vs else ''} | {where(d)} | "
-                       f"{when(d, path)} | {path.name} |")
+                       f"{when(d, path)} | {_name(path)} |")
     return out
 
 
@@ -58,7 +63,7 @@ def train_table(files) -> list[str]:
             ov = r.get("pipeline_overhead")
             out.append(f"| {r['source']} | {r['option']} | {r['n']} | {r['device']} | {r.get('amp', '')} | "
                        f"{_fmt(r['patches_per_s'])} | {f'{100 * ov:.1f}%' if ov is not None else ''} | "
-                       f"{where(d)} | {when(d, path)} | {path.name} |")
+                       f"{where(d)} | {when(d, path)} | {_name(path)} |")
     return out
 
 
@@ -69,7 +74,7 @@ def generic_rows(files) -> list[str]:
         for r in rows if isinstance(rows, list) else []:
             keys = {k: v for k, v in r.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
             text = ", ".join(f"{k}={_fmt(v, 4) if isinstance(v, float) else v}" for k, v in list(keys.items())[:8])
-            out.append(f"| {path.stem.split('_')[0]} | {text} | {where(d)} | {when(d, path)} | {path.name} |")
+            out.append(f"| {path.stem.split('_')[0]} | {text} | {where(d)} | {when(d, path)} | {_name(path)} |")
     return out
 
 
@@ -82,7 +87,7 @@ def conversion_rows(files) -> list[str]:
         hw = d.get("hardware", {})
         name = f"{hw.get('cpu_model', '?')} ({hw.get('nproc', '?')} cores)"
         out.append(f"| {_fmt(d.get('dataset', {}).get('images', '?'))} | {per} | {_fmt(ips.get('total', 0))} | "
-                   f"{name} | {path.parent.name if path.parent.name != 'results' else ''} | {path.name} |")
+                   f"{name} | {when(d, path)} | {_name(path)} |")
     return out
 
 
@@ -101,7 +106,7 @@ def probe_rows(files) -> list[str]:
         cfg_n = ck.get("num_patches", "")
         out.append(f"| {ck.get('path', '?')} | {cfg_n} | {ck.get('epoch', '')} | {d.get('feature')} | "
                    f"{d.get('test_patches')} | {_pct(d.get('linear_top1'))} | {_pct(d.get('knn_top1'))} | "
-                   f"{path.parent.name}/{path.name} |")
+                   f"{_name(path)} |")
     return out
 
 
@@ -153,7 +158,7 @@ def main(argv=None) -> int:
     if groups["pipeline"]:
         lines += ["## Input pipeline (source + on-device patches)", "", *pipeline_table(groups["pipeline"]), "",
                   "![pipeline](pipeline.png)", ""]
-        plot_bars([(f"{r['source']} {r['device']} n={r['n']} ({where(d)[:14]})", r["patches_per_s"])
+        plot_bars([(f"{r['source']} {r['device']} n={r['n']} ({where(d)})", r["patches_per_s"])
                    for _, d in groups["pipeline"] for r in d.get("rows", []) if "patches_per_s" in r],
                   "pipeline patches/s per source (reference = the paper's PIL path)", out.parent / "pipeline.png")
     if groups["train"]:
