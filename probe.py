@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
@@ -47,7 +48,8 @@ from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
 from model.linear_probe import knn_predict, train_linear_probe
 from pipeline.errors import UserError
 from pipeline.formats import (MANIFEST_NAME, Manifest, load_manifest, require_format,
-                              require_split, sha256_file, write_json_atomic)
+                              require_split, sha256_file, write_bytes_atomic,
+                              write_json_atomic)
 from pipeline.patches import AugmentParams, flatten_patches, make_patches
 from pipeline.sources import build_source
 from pipeline.sources.base import SourceOptions
@@ -331,18 +333,9 @@ def extract_features(encoder: torch.nn.Module, batches, *, num_patches: int, pat
 
 
 def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(path, buf.getvalue())  # temp file + rename
 
 
 def feature_cache_path(cache_dir: Path, key_fields: dict) -> Path:

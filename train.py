@@ -87,26 +87,6 @@ class LossConfig:
 
 
 @dataclass
-class AugmentConfig:  # per-patch probabilities and strengths (paper's recipe)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.2
-    gray_p: float = 0.2
-    blur_p: float = 0.1
-    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
-    solarize_p: float = 0.1
-    solarize_threshold: float = 128 / 255
-
-    def params(self) -> AugmentParams:
-        d = asdict(self)
-        d["blur_sigma"] = tuple(d["blur_sigma"])
-        return AugmentParams(**d)
-
-
-@dataclass
 class RunConfig:
     out: str = "runs/default"
     seed: int = 0
@@ -126,7 +106,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentParams = field(default_factory=AugmentParams)  # per-patch probabilities, strengths
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -161,6 +141,8 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _coerce(value, default, key: str):
     """Parse a CLI string into the type of the field's default."""
+    if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+        return tuple(value)
     if not isinstance(value, str):
         return value
     try:
@@ -174,8 +156,9 @@ def _coerce(value, default, key: str):
             return int(value)
         if isinstance(default, float):
             return float(value)
-        if isinstance(default, list):
-            return [type(default[0])(x) for x in value.split(",")] if default else value.split(",")
+        if isinstance(default, (list, tuple)):
+            items = [type(default[0])(x) for x in value.split(",")] if default else value.split(",")
+            return type(default)(items)
     except ValueError:
         raise UserError(f"--{key}: cannot read {value!r} as {type(default).__name__}") from None
     return value
@@ -190,10 +173,12 @@ def build_config(raw: dict) -> TrainConfig:
                             f"{', '.join(f.name for f in dataclasses.fields(cfg))})")
         sub = getattr(cfg, section)
         names = {f.name for f in dataclasses.fields(sub)}
+        updates = {}
         for k, v in values.items():
             if k not in names:
                 raise UserError(f"config: unknown key '{section}.{k}' (have: {', '.join(sorted(names))})")
-            setattr(sub, k, _coerce(v, getattr(sub, k), f"{section}.{k}"))
+            updates[k] = _coerce(v, getattr(sub, k), f"{section}.{k}")
+        setattr(cfg, section, dataclasses.replace(sub, **updates))  # sections may be frozen
     validate(cfg)
     return cfg
 
@@ -368,7 +353,7 @@ class Trainer:
         extra = {}
         if self.source_name == "reference":
             extra = dict(num_patches=d.num_patches, patch_size=d.patch_size, out_size=d.out_size,
-                         mean=self.manifest.mean, std=self.manifest.std, augment=cfg.augment.params())
+                         mean=self.manifest.mean, std=self.manifest.std, augment=cfg.augment)
         self.source = build_source(self.source_name, d.path, "train", opts, **extra)
         self.steps_per_epoch = len(self.source)
         if d.max_images:
@@ -453,7 +438,7 @@ class Trainer:
         gen.manual_seed((self.cfg.run.seed * 1_000_003 + step) * self.world + self.rank)
         return make_patches(images, num_patches=d.num_patches, patch_size=d.patch_size,
                             out_size=d.out_size, mean=self.manifest.mean, std=self.manifest.std,
-                            generator=gen, augment=self.cfg.augment.params())  # (n, B, 3, S, S)
+                            generator=gen, augment=self.cfg.augment)  # (n, B, 3, S, S)
 
     def train_step(self, batch, step: int):
         lr = cosine_lr(step, self.total_steps, self.cfg.optim.lr, self.warmup_steps)
@@ -470,6 +455,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             resolved = {**asdict(cfg), "git_commit": self.commit, "source_resolved": self.source_name,
                         "device": str(self.device), "world_size": self.world}
+            resolved = json.loads(json.dumps(resolved))  # tuples -> lists for YAML
             write_bytes_atomic(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
             if cfg.run.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
