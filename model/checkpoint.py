@@ -7,7 +7,8 @@ Layout of ``ckpt.pt`` (every key is plain data, so ``torch.load(weights_only=Tru
      "encoder": EncoderConfig.to_dict(),
      "patch": {"patch_size": P, "out_size": S},
      "data": {"name", "classes", "mean", "std", "image_shape"},
-     "optimizer": optimizer state_dict, "step": int, "epoch": int (epochs started),
+     "optimizer": optimizer state_dict, "step": int (steps done), "epoch": int,
+     "steps_per_epoch": int, "total_steps": int (the schedule's length),
      "rng": {...}, "config": resolved run config (dict), "git_commit": str}
 
 The probe rebuilds the encoder from "encoder" + "model" through :func:`load_encoder`.
