@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
 
 # Probe settings per scale: (test patches per image, probe epochs, images per split cap)
-CPU_PROBE = ("16", "30", "4000")
+CPU_PROBE = ("8", "30", "4000")
 GPU_PROBE = ("128", "100", "0")
 
 
