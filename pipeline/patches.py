@@ -29,12 +29,16 @@ against torchvision; tests/test_patches.py checks the composition against a per-
 torchvision loop.
 
 No host-device sync on a GPU (no .item(), nonzero, bool(tensor)); on the CPU the batch is
-cut into cache-sized chunks (a loop over chunks of patches, never one patch at a time).
+cut into cache-sized chunks of patches (never one patch at a time) processed by
+torch.get_num_threads() threads.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -47,11 +51,12 @@ from . import augment as A
 _TOP, _LEFT, _FLIP, _JITTER, _BRIGHT, _CONTRAST, _SAT, _HUE, _GRAY, _BLUR, _SIGMA, _SOLAR = range(12)
 _NUM_DRAWS = 12
 
-# Patches per chunk. CPU: a chunk's float tensor (3 * S * S * 4 bytes a patch, 4 MiB: 341
-# CIFAR patches) stays in L2/L3 across the ~40 passes: ~1.5x faster than the whole batch at
-# once on the 2-core dev VM, while keeping the per-op Python overhead small.
+# Patches per chunk. CPU: a chunk's float tensor (3 * S * S * 4 bytes a patch, 2 MiB: 170
+# CIFAR patches) stays in L2/L3 across the ~40 passes (~1.5x faster than the whole batch at
+# once on the 2-core dev VM) while the per-op Python overhead stays small; chunks run on
+# torch.get_num_threads() threads (see _cpu_pool).
 # GPU: one chunk unless the crop index (8 bytes per crop pixel) would pass 256 MiB.
-_CPU_CHUNK_BYTES = 1 << 22
+_CPU_CHUNK_BYTES = 1 << 21
 _MAX_INDEX_ELEMENTS = 1 << 25
 
 
@@ -147,6 +152,43 @@ def _apply_to_subset_(x: Tensor, selected: Tensor, p: float, fn, exact: bool | N
     x.index_copy_(0, idx, torch.where(keep, fn(sub.clone(), idx), sub))
 
 
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool)
+
+
+def _cpu_pool(threads: int) -> ThreadPoolExecutor | None:
+    """``threads`` Python threads whose torch ops each run single-threaded, or None for 1.
+
+    On the CPU the chunks are spread over these threads instead of splitting every op across
+    OpenMP threads: ~100 small ops per chunk would each end in an OpenMP barrier, and when
+    another process holds a core that barrier waits a scheduler slice for the descheduled
+    thread (measured: 10-80x slower on a shared 2-core VM). Chunk-level threads never wait
+    for each other. torch ops release the GIL, so the threads run in parallel; each sets its
+    own OpenMP thread count to 1 once, and the caller's setting is restored after.
+    """
+    global _POOL
+    if threads <= 1:
+        return None
+    if _POOL is not None and _POOL[:2] == (os.getpid(), threads):  # (a fork has no threads)
+        return _POOL[2]
+    saved = torch.get_num_threads()
+    ready = threading.Barrier(threads + 1)
+
+    def init():
+        torch.get_num_threads()  # torch's per-thread lazy init, before the count is changed
+        torch.set_num_threads(1)
+        ready.wait()
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="make_patches", initializer=init)
+    for _ in range(threads):  # every submit finds no idle thread (all wait in init): starts one
+        pool.submit(lambda: None)
+    ready.wait()
+    torch.set_num_threads(saved)
+    if _POOL is not None and _POOL[0] == os.getpid():
+        _POOL[2].shutdown(wait=False)
+    _POOL = (os.getpid(), threads, pool)
+    return pool
+
+
 def make_patches(images: Tensor, *, num_patches: int, patch_size: int, out_size: int,
                  mean: Sequence[float], std: Sequence[float], generator: torch.Generator,
                  augment: AugmentParams | None = AugmentParams(), sizes: Tensor | None = None,
@@ -189,12 +231,8 @@ def make_patches(images: Tensor, *, num_patches: int, patch_size: int, out_size:
     mean_t, std_t, rmat, rmat_t = _constants(p, s, tuple(map(float, mean)), tuple(map(float, std)), dev)
 
     out = torch.empty(num, s, s, 3, device=dev, dtype=dtype)  # (N, S, S, 3)
-    if dev.type == "cpu":
-        chunk = max(1, _CPU_CHUNK_BYTES // (3 * s * s * 4))
-    else:
-        chunk = max(1, _MAX_INDEX_ELEMENTS // (p * p))
-    for start in range(0, num, chunk):  # CPU: cache-sized chunks; GPU: usually one
-        sl = slice(start, min(start + chunk, num))
+
+    def run(sl: slice) -> None:  # patches sl: crop, resize, augment, normalize, write
         c = sl.stop - sl.start
         idx = rows[sl, :, None] * w + cols[sl, None, :]  # (c, P, P) flat pixel index
         crops = pixels.index_select(0, idx.view(-1)).view(c, p, p, 3)  # (c, P, P, 3) uint8
@@ -207,6 +245,19 @@ def make_patches(images: Tensor, *, num_patches: int, patch_size: int, out_size:
             _augment_(x, {k: v[sl] for k, v in params.items()}, augment)
         x.sub_(mean_t).div_(std_t)
         out[sl].copy_(x.permute(0, 2, 3, 1))
+
+    if dev.type == "cpu":  # cache-sized chunks, spread over the torch thread count
+        chunk = max(1, _CPU_CHUNK_BYTES // (3 * s * s * 4))
+    else:  # one chunk unless the crop index gets large
+        chunk = max(1, _MAX_INDEX_ELEMENTS // (p * p))
+    work = [slice(i, min(i + chunk, num)) for i in range(0, num, chunk)]
+    pool = _cpu_pool(torch.get_num_threads()) if dev.type == "cpu" and len(work) > 1 else None
+    if pool is None:
+        for sl in work:
+            run(sl)
+    else:
+        for _ in pool.map(run, work):  # re-raises a chunk's exception
+            pass
     return out.permute(0, 3, 1, 2).view(n, bsz, 3, s, s)  # (n, B, 3, S, S), channels_last strides
 
 

@@ -172,6 +172,22 @@ def test_determinism():
                        _patches(imgs, 5, 16, 32, seed=3, augment=None))
 
 
+def test_threads_and_chunks_do_not_change_patches(monkeypatch):
+    imgs = _images(8, 32, 32, seed=4)
+    a = AugmentParams(gray_p=0.5, blur_p=0.5, solarize_p=0.5)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _patches(imgs, 60, 16, 32, seed=5, augment=a)  # 480 patches, 3 chunks
+        torch.set_num_threads(2)
+        two = _patches(imgs, 60, 16, 32, seed=5, augment=a)  # the chunks on 2 threads
+    finally:
+        torch.set_num_threads(saved)
+    monkeypatch.setattr(P, "_CPU_CHUNK_BYTES", 7 * 3 * 32 * 32 * 4)  # 7 patches a chunk
+    small = _patches(imgs, 60, 16, 32, seed=5, augment=a)
+    assert torch.equal(one, two) and torch.equal(one, small)
+
+
 @pytest.mark.parametrize("op,p", [("flip_p", 0.5), ("jitter_p", 0.8), ("gray_p", 0.2),
                                   ("blur_p", 0.1), ("solarize_p", 0.1)])
 def test_probabilities(op, p):
