@@ -431,7 +431,7 @@ class Trainer:
     # -- one step
     def _patches(self, batch, step: int) -> torch.Tensor:
         images, _ = batch
-        if getattr(self.source, "yields_patches", False):
+        if self.source.yields_patches:
             return images  # (n, B, 3, S, S) from the reference source
         d = self.cfg.data
         gen = torch.Generator(device=self.device)

@@ -105,7 +105,7 @@ def measure(name: str, root, split: str, device: torch.device, n: int, a, geom: 
         row["skipped"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         return row
     gen = torch.Generator(device=device).manual_seed(0)
-    makes_patches = not getattr(source, "yields_patches", False)
+    makes_patches = not source.yields_patches
     batches = endless(source)
     aug = AugmentParams()
 

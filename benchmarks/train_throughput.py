@@ -70,7 +70,7 @@ def bench(args, device, n: int, option: str, src_name: str, man) -> dict:
 
         def one():
             images, _ = next(it)
-            p = images if getattr(source, "yields_patches", False) else make_patches(images, generator=gen, **geo)
+            p = images if source.yields_patches else make_patches(images, generator=gen, **geo)
             step(p, 0.1)
 
     def run_steps():

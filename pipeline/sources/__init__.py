@@ -21,7 +21,7 @@ def build_source(name: str, root, split: str, opts: SourceOptions, **kwargs) -> 
 
     kwargs go to the source's constructor (the reference source needs num_patches,
     patch_size, out_size, mean, std, augment). Sources that yield the patches themselves
-    have ``yields_patches = True``; test with ``getattr(source, "yields_patches", False)``.
+    have ``yields_patches = True``; every other source has ``yields_patches = False`` (the Source base).
     """
     if name == "memory":
         from .memory import MemorySource as cls

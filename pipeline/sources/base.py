@@ -13,7 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
+
+
+def epoch_order(num_images: int, batch_size: int, epoch: int, start_batch: int, seed: int,
+                shuffle: bool, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
+    """The epoch order every index-addressed source (memory, ffcv, reference) shares:
+    the sample indices rank ``rank`` reads in ``epoch`` from batch ``start_batch`` on."""
+    perm = (np.random.default_rng([seed, epoch]).permutation(num_images) if shuffle
+            else np.arange(num_images))
+    per_rank = num_images // world_size
+    mine = perm[rank * per_rank:(rank + 1) * per_rank]  # (N // W,)
+    if drop_last:
+        mine = mine[:len(mine) // batch_size * batch_size]
+    return mine[start_batch * batch_size:].astype(np.uint64)
 
 
 @dataclass
@@ -32,6 +46,7 @@ class Source:
     """Base class. Subclasses set ``num_images`` and implement ``_iter(epoch, start_batch)``."""
 
     name = "base"
+    yields_patches = False  # True for a source that builds the patches itself (reference)
 
     def __init__(self, root, split: str, opts: SourceOptions):
         self.root, self.split, self.opts = root, split, opts

@@ -30,19 +30,7 @@ import torch
 from ..beton import IMAGE_FIELD, LABEL_FIELD, import_ffcv
 from ..errors import UserError
 from ..formats import ffcv_path, load_manifest, require_format, require_split
-from .base import Source, SourceOptions
-
-
-def epoch_order(num_images: int, batch_size: int, epoch: int, start_batch: int, seed: int,
-                shuffle: bool, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
-    """The sample indices rank ``rank`` reads in ``epoch`` from batch ``start_batch`` on."""
-    perm = (np.random.default_rng([seed, epoch]).permutation(num_images) if shuffle
-            else np.arange(num_images))
-    per_rank = num_images // world_size
-    mine = perm[rank * per_rank:(rank + 1) * per_rank]  # (N // W,)
-    if drop_last:
-        mine = mine[:len(mine) // batch_size * batch_size]
-    return mine[start_batch * batch_size:].astype(np.uint64)
+from .base import Source, SourceOptions, epoch_order  # noqa: F401 (epoch_order re-exported)
 
 
 class FfcvSource(Source):

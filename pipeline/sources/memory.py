@@ -5,7 +5,7 @@
       -> per epoch: the order (below), copied to the device once
       -> per step: images.index_select(order[k*B:(k+1)*B])        # (B, H, W, 3) uint8
 
-Order: the same as the ffcv source's ``epoch_order``: ``numpy.random.default_rng([seed,
+Order: ``pipeline.sources.base.epoch_order`` (shared with ffcv and reference): ``numpy.random.default_rng([seed,
 epoch]).permutation(N)`` drawn on the CPU (N int64s, one host-to-device copy per epoch, no
 per-step transfer or sync), rank r of W takes the contiguous slice perm[r*(N//W):(r+1)*(N//W)],
 cut to whole batches under drop_last, from batch ``start_batch`` on. A pure function of
@@ -26,8 +26,7 @@ import torch
 from ..errors import UserError
 from ..formats import (load_manifest, memory_images_path, memory_labels_path, require_format,
                        require_split)
-from .base import Source, SourceOptions
-from .ffcv import epoch_order  # importing pipeline.sources.ffcv does not import ffcv
+from .base import Source, SourceOptions, epoch_order
 
 # share of the free device memory (or available host RAM) the split may take
 FIT_FRACTION = 0.5

@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..formats import memory_images_path
 from ..patches import AugmentParams
-from .base import Source, SourceOptions
-from .ffcv import epoch_order
+from .base import Source, SourceOptions, epoch_order
 from .memory import load_memory_arrays
 
 
