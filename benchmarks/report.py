@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -110,6 +111,29 @@ def probe_rows(files) -> list[str]:
     return out
 
 
+def _train_args(d: dict) -> str:
+    """The run's extra train.py arguments (stored since 2026-11-22; else read from the command)."""
+    if "train_args" in d:
+        return d["train_args"]
+    words = shlex.split(d.get("command", ""))
+    return words[words.index("--train-args") + 1] if "--train-args" in words[:-1] else ""
+
+
+def tta_rows(files) -> list[str]:
+    """One row per probed point: the schedule length tells a 1-epoch run from the first epoch
+    of a longer one."""
+    out = ["| config | schedule (epochs) | extra train args | epoch | training min | linear top-1 | "
+           "kNN top-1 | hardware | date | file |", "|---|---:|---|---:|---:|---:|---:|---|---|---|"]
+    for path, d in files:
+        env = d.get("environment", {})
+        for pt in d.get("points", []):
+            out.append(f"| {Path(d.get('config', '?')).name} | {d.get('epochs', '?'):g} | "
+                       f"{_train_args(d) or ''} | {pt['epoch']:.3g} | {pt['train_minutes']:.2f} | "
+                       f"{_pct(pt.get('linear_top1'))} | {_pct(pt.get('knn_top1'))} | {where(env)} | "
+                       f"{when(env, path)} | {_name(path)} |")
+    return out
+
+
 def plot_bars(rows: list[tuple[str, float]], title: str, path: Path) -> None:
     import matplotlib
 
@@ -171,12 +195,7 @@ def main(argv=None) -> int:
     if groups["probe"]:
         lines += ["## Probes", "", *probe_rows(groups["probe"]), ""]
     if groups["tta"]:
-        lines += ["## Time to accuracy", ""]
-        for path, d in groups["tta"]:
-            lines.append(f"- `{path.name}` ({where(d.get('environment', {}))}): " + ", ".join(
-                f"{pt['epoch']:.2g} ep / {pt['train_minutes']:.1f} min: {100 * pt['linear_top1']:.1f}%"
-                for pt in d.get("points", [])))
-        lines.append("")
+        lines += ["## Time to accuracy (linear probe after E epochs of one run)", "", *tta_rows(groups["tta"]), ""]
     if groups["other"]:
         lines += ["Unrecognised result files: " + ", ".join(p.name for p, _ in groups["other"]), ""]
     tmp = out.with_suffix(".tmp")

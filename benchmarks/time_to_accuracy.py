@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     base = [py, "train.py", "--config", a.config, "--data", a.data, "--out", str(out / "run"),
             "--epochs", str(epochs), *shlex.split(a.train_args)]
     result = {"config": a.config, "data": a.data, "epochs": epochs, "smoke": a.smoke,
+              "train_args": a.train_args, "probe_args": a.probe_args,
               "command": " ".join(shlex.quote(x) for x in [py, *sys.argv]), "points": [],
               "environment": environment()}
     done_steps, train_s, process_s = 0, 0.0, 0.0

@@ -34,3 +34,17 @@ def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
     for section in ("Input pipeline", "Training step", "Time to accuracy"):
         assert section in report
     assert (res / "pipeline.png").is_file() and (res / "train.png").is_file()
+    # one table row per probed point, with the schedule length and the extra train.py arguments
+    assert tta["train_args"].startswith("--num-patches 4")
+    rows = [r for r in report.splitlines() if r.endswith("| time_to_accuracy_smoke.json |")]
+    assert len(rows) == 2 and all(r.startswith("| demo.yaml | 1 | --num-patches 4 ") for r in rows)
+
+
+def test_report_reads_train_args_of_older_time_to_accuracy_files():
+    from benchmarks.report import _train_args
+
+    old = {"command": "python benchmarks/time_to_accuracy.py --config c.yaml "
+                      "--train-args '--run.amp fp32' --points 1"}
+    assert _train_args(old) == "--run.amp fp32"
+    assert _train_args({"command": "python benchmarks/time_to_accuracy.py --points 1"}) == ""
+    assert _train_args({"train_args": "--epochs 2", "command": "x --train-args y"}) == "--epochs 2"
