@@ -178,7 +178,10 @@ def build_config(raw: dict) -> TrainConfig:
             if k not in names:
                 raise UserError(f"config: unknown key '{section}.{k}' (have: {', '.join(sorted(names))})")
             updates[k] = _coerce(v, getattr(sub, k), f"{section}.{k}")
-        setattr(cfg, section, dataclasses.replace(sub, **updates))  # sections may be frozen
+        try:
+            setattr(cfg, section, dataclasses.replace(sub, **updates))  # sections may be frozen
+        except (TypeError, ValueError) as e:  # a section's own check (e.g. augment.jitter_order)
+            raise UserError(f"config {section}: {e}") from None
     validate(cfg)
     return cfg
 

@@ -4,7 +4,7 @@
       -> n random P x P crops per image (uniform position, overlapping)   one index_select
       -> bilinear resize P -> S (torchvision's Resize, antialias off)     two matmuls
       -> horizontal flip                       p = flip_p      (folded into the crop gather)
-      -> ColorJitter(b, c, s, h)               p = jitter_p
+      -> ColorJitter(b, c, s, h)               p = jitter_p    (ops in a random order per patch)
       -> grayscale                             p = gray_p
       -> Gaussian blur, sigma ~ U(blur_sigma)  p = blur_p      (K = 13 taps, see augment)
       -> solarize (x >= threshold -> 1 - x)    p = solarize_p
@@ -13,20 +13,24 @@
 The patch tensor is patch-major: ``out[i]`` holds patch i of every image (the paper's Z_i);
 patch i of image b is row ``i * B + b`` of the flattened batch.
 
-Randomness: one ``torch.rand((n*B, 12), generator=generator)`` draw per call, whatever the
+Randomness: one ``torch.rand((n*B, 13), generator=generator)`` draw per call, whatever the
 recipe, so the same generator state on the same device gives the same patches, and switching
 an op off does not change the others' draws. Columns: 0 top, 1 left (crop origin =
 floor(u * (size - P + 1))), 2 flip (u < flip_p), 3 jitter (u < jitter_p), 4 brightness,
 5 contrast, 6 saturation (factor = lo + u * (1 + a - lo), lo = max(0, 1 - a)), 7 hue
 ((2u - 1) * hue), 8 gray (u < gray_p), 9 blur (u < blur_p), 10 sigma (lo + u * (hi - lo)),
-11 solarize (u < solarize_p).
+11 solarize (u < solarize_p), 12 jitter order (JITTER_ORDERS[floor(24 u)]).
 
-One deliberate difference from torchvision: ColorJitter applies brightness, contrast,
-saturation and hue in a random order per call; here the order is always brightness ->
-contrast -> saturation -> hue (one order for the whole batch is what makes it batchable).
-Each op is in pipeline.augment, tested there
-against torchvision; tests/test_patches.py checks the composition against a per-patch
-torchvision loop.
+ColorJitter order: like torchvision's ColorJitter (a ``randperm(4)`` per call), each patch
+applies brightness, contrast, saturation and hue in its own random order, one of the 24
+permutations (``jitter_order="random"``, the default). Batched without a per-patch loop: at
+each of the 4 positions every patch does its op there, the three blends as one
+``clamp(a x + b mean(gray) + c gray)`` with per-patch (a, b, c) (identity for a patch whose op
+there is hue) and the hue rotation on the ~1/4 of patches whose op there is hue.
+``jitter_order="fixed"`` keeps brightness -> contrast -> saturation -> hue for every patch
+(cheaper; the order of this project's results before 2026-11-22). Each op is in
+pipeline.augment, tested there against torchvision; tests/test_patches.py checks the
+composition against a per-patch torchvision loop.
 
 No host-device sync on a GPU (no .item(), nonzero, bool(tensor)); on the CPU the batch is
 cut into cache-sized chunks of patches (never one patch at a time) processed by
@@ -35,6 +39,7 @@ torch.get_num_threads() threads.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import threading
@@ -48,8 +53,13 @@ from torch import Tensor
 from . import augment as A
 
 # columns of the per-patch uniform draws, in this fixed order
-_TOP, _LEFT, _FLIP, _JITTER, _BRIGHT, _CONTRAST, _SAT, _HUE, _GRAY, _BLUR, _SIGMA, _SOLAR = range(12)
-_NUM_DRAWS = 12
+_TOP, _LEFT, _FLIP, _JITTER, _BRIGHT, _CONTRAST, _SAT, _HUE, _GRAY, _BLUR, _SIGMA, _SOLAR, _ORDER = range(13)
+_NUM_DRAWS = 13
+
+# ColorJitter op orders: the 24 permutations of (0 brightness, 1 contrast, 2 saturation, 3 hue)
+# in lexicographic order; a patch's order is JITTER_ORDERS[floor(24 u)], u its column 12 draw
+JITTER_ORDERS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(4)))
+_BRIGHTNESS_OP, _CONTRAST_OP, _SATURATION_OP, _HUE_OP = range(4)
 
 # Patches per chunk. CPU: a chunk's float tensor (3 * S * S * 4 bytes a patch, 2 MiB: 170
 # CIFAR patches) stays in L2/L3 across the ~40 passes (~1.5x faster than the whole batch at
@@ -75,6 +85,11 @@ class AugmentParams:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.1
     solarize_threshold: float = 128 / 255
+    jitter_order: str = "random"  # "random": per patch, as torchvision | "fixed": b, c, s, h
+
+    def __post_init__(self) -> None:
+        if self.jitter_order not in ("random", "fixed"):
+            raise ValueError(f"jitter_order must be 'random' or 'fixed', got {self.jitter_order!r}")
 
     @property
     def blur_kernel_size(self) -> int:
@@ -122,6 +137,16 @@ def _constants(p: int, s: int, mean: tuple, std: tuple, device: torch.device):
     rmat = put(resize_matrix(p, s, "cpu", 1.0 / 255.0))  # (S, P)
     rmat_t = put(resize_matrix(p, s, "cpu").T.contiguous())  # (P, S)
     return mean_t, std_t, rmat, rmat_t
+
+
+def _per_patch(v: Tensor) -> Tensor:
+    return v.view(-1, 1, 1, 1)  # (k,) -> (k, 1, 1, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitter_orders(device: torch.device) -> Tensor:
+    """JITTER_ORDERS as a (24, 4) int64 tensor on ``device``, built once per device."""
+    return torch.tensor(JITTER_ORDERS, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _capacity(count: int, p: float) -> int:
@@ -242,7 +267,7 @@ def make_patches(images: Tensor, *, num_patches: int, patch_size: int, out_size:
         else:
             x = torch.matmul(rmat, x.view(c * 3, p, p) @ rmat_t).view(c, 3, s, s)  # (c, 3, S, S)
         if params is not None:
-            _augment_(x, {k: v[sl] for k, v in params.items()}, augment)
+            _augment_(x, {k: None if v is None else v[sl] for k, v in params.items()}, augment)
         x.sub_(mean_t).div_(std_t)
         out[sl].copy_(x.permute(0, 2, 3, 1))
 
@@ -268,7 +293,10 @@ def _draw_params(u: Tensor, a: AugmentParams) -> dict[str, Tensor]:
         return u[:, col] * (1.0 + amount - lo) + lo
 
     lo, hi = a.blur_sigma
+    order = (torch.floor(u[:, _ORDER] * len(JITTER_ORDERS)).long().clamp_(max=len(JITTER_ORDERS) - 1)
+             if a.jitter_order == "random" else None)  # (N,) index into JITTER_ORDERS
     return {
+        "order": order,
         "jitter": u[:, _JITTER] < a.jitter_p,
         "brightness": factor(_BRIGHT, a.brightness),
         "contrast": factor(_CONTRAST, a.contrast),
@@ -282,7 +310,9 @@ def _draw_params(u: Tensor, a: AugmentParams) -> dict[str, Tensor]:
 
 
 def _color_jitter_(x: Tensor, q: dict[str, Tensor], idx: Tensor, a: AugmentParams) -> Tensor:
-    """ColorJitter in our fixed order on x (k, 3, S, S), the patches ``idx`` of the chunk."""
+    """ColorJitter on x (k, 3, S, S), the patches ``idx`` of the chunk, in each patch's order."""
+    if q["order"] is not None:
+        return _color_jitter_random_order_(x, q, idx, a)
     if a.brightness > 0:
         A.adjust_brightness_(x, q["brightness"][idx])
     if a.contrast > 0:
@@ -291,6 +321,37 @@ def _color_jitter_(x: Tensor, q: dict[str, Tensor], idx: Tensor, a: AugmentParam
         A.adjust_saturation_(x, q["saturation"][idx])
     if a.hue > 0:
         A.adjust_hue_(x, q["hue"][idx])
+    return x
+
+
+def _color_jitter_random_order_(x: Tensor, q: dict[str, Tensor], idx: Tensor,
+                                a: AugmentParams) -> Tensor:
+    """ColorJitter with a per-patch op order: 4 positions, each patch doing its op there.
+
+    The blends (torchvision's _blend, clamped to [0, 1]) are one affine pass per position:
+    brightness  f x                      (a, b, c) = (f, 0, 0)
+    contrast    f x + (1 - f) mean(gray) (a, b, c) = (f, 1 - f, 0)
+    saturation  f x + (1 - f) gray       (a, b, c) = (f, 0, 1 - f)
+    hue         (identity here)          (a, b, c) = (1, 0, 0), then adjust_hue_ on the subset
+    Zero terms add exactly 0 and the clamp leaves [0, 1] values alone, so each patch gets
+    exactly its op at each position (to float rounding, as pipeline.augment's ops).
+    """
+    ops = _jitter_orders(x.device).index_select(0, q["order"][idx])  # (k, 4) op id per position
+    fb, fc, fs = q["brightness"][idx], q["contrast"][idx], q["saturation"][idx]  # (k,) each
+    hue = q["hue"][idx]  # (k,)
+    one = torch.ones_like(fb)
+    for pos in range(4):
+        op = ops[:, pos]  # (k,)
+        is_c, is_s = op == _CONTRAST_OP, op == _SATURATION_OP
+        scale = torch.where(op == _BRIGHTNESS_OP, fb, torch.where(is_c, fc, torch.where(is_s, fs, one)))
+        w_mean = torch.where(is_c, 1.0 - fc, 0.0)  # (k,)
+        w_gray = torch.where(is_s, 1.0 - fs, 0.0)  # (k,)
+        gray = A.grayscale(x)  # (k, 1, S, S)
+        m = gray.mean(dim=(1, 2, 3))  # (k,)
+        x.mul_(_per_patch(scale)).add_(_per_patch(w_mean * m))
+        x.add_(gray.mul_(_per_patch(w_gray))).clamp_(0.0, 1.0)
+        if a.hue > 0:
+            _apply_to_subset_(x, op == _HUE_OP, 0.25, lambda t, i: A.adjust_hue_(t, hue[i]))
     return x
 
 

@@ -2,6 +2,7 @@
 torchvision loop, padded batches, determinism, probabilities, normalization."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -106,11 +107,15 @@ def _torchvision_patch(img, u, a: AugmentParams, p, s, mean, std):
         lo = max(0.0, 1.0 - amount)
         return lo + v * (1.0 + amount - lo)
 
-    if u[3] < a.jitter_p:  # our fixed order: brightness, contrast, saturation, hue
-        x = TF.adjust_brightness(x, factor(u[4], a.brightness))
-        x = TF.adjust_contrast(x, factor(u[5], a.contrast))
-        x = TF.adjust_saturation(x, factor(u[6], a.saturation))
-        x = TF.adjust_hue(x, (2 * u[7] - 1) * a.hue)
+    if u[3] < a.jitter_p:  # torchvision's ColorJitter with the patch's op order
+        order = (itertools.permutations(range(4)) if a.jitter_order == "random" else [range(4)])
+        ops = [(TF.adjust_brightness, factor(u[4], a.brightness)),
+               (TF.adjust_contrast, factor(u[5], a.contrast)),
+               (TF.adjust_saturation, factor(u[6], a.saturation)),
+               (TF.adjust_hue, (2 * u[7] - 1) * a.hue)]
+        for k in list(order)[math.floor(24 * u[12]) if a.jitter_order == "random" else 0]:
+            fn, v = ops[k]
+            x = fn(x, v)
     if u[8] < a.gray_p:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
     if u[9] < a.blur_p:
@@ -121,18 +126,20 @@ def _torchvision_patch(img, u, a: AugmentParams, p, s, mean, std):
     return TF.normalize(x, mean, std)
 
 
+@pytest.mark.parametrize("order", ["random", "fixed"])
 @pytest.mark.parametrize("exact", [True, False])  # CPU subsets / the GPU's fixed-capacity subsets
-def test_composition_matches_torchvision_loop(monkeypatch, exact):
+def test_composition_matches_torchvision_loop(monkeypatch, exact, order):
     if not exact:
         orig = P._apply_to_subset_
         monkeypatch.setattr(P, "_apply_to_subset_",
                             lambda x, sel, p, fn, exact=None: orig(x, sel, p, fn, exact=False))
-    a = AugmentParams(gray_p=0.4, blur_p=0.4, solarize_p=0.4)  # every op shows up often
+    # every op shows up often; 120 patches, ~96 jittered: each of the 24 orders ~4 times
+    a = AugmentParams(gray_p=0.4, blur_p=0.4, solarize_p=0.4, jitter_order=order)
     imgs = _images(4, 24, 24, seed=2)
-    n, p, s = 12, 12, 20
+    n, p, s = 30, 12, 20
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
     ours = _patches(imgs, n, p, s, seed=7, augment=a, mean=mean, std=std)
-    u = torch.rand(n * 4, 12, generator=torch.Generator().manual_seed(7)).tolist()
+    u = torch.rand(n * 4, 13, generator=torch.Generator().manual_seed(7)).tolist()
     chw = imgs.permute(0, 3, 1, 2).float() / 255
     ref = torch.stack([_torchvision_patch(chw[k % 4], u[k], a, p, s, mean, std)
                        for k in range(n * 4)]).view(n, 4, 3, s, s)
@@ -241,3 +248,14 @@ def test_cuda_no_sync_and_deterministic():
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (20, 16, 3, 32, 32) and out.is_cuda
     assert torch.equal(out, run(0)) and not torch.equal(out, run(1))
+
+
+def test_jitter_orders_are_uniform_over_the_24_permutations():
+    u = torch.rand(24_000, P._NUM_DRAWS, generator=torch.Generator().manual_seed(3))
+    order = P._draw_params(u, AugmentParams())["order"]
+    counts = torch.bincount(order, minlength=24)
+    assert len(counts) == 24 and len(set(P.JITTER_ORDERS)) == 24
+    assert (counts - 1000).abs().max() < 5 * 31  # 5 sigma of Binomial(24000, 1/24)
+    assert P._draw_params(u, AugmentParams(jitter_order="fixed"))["order"] is None
+    with pytest.raises(ValueError, match="jitter_order"):
+        AugmentParams(jitter_order="shuffled")
