@@ -14,6 +14,8 @@
 #  n200_e1  CIFAR-10 n=200, the first epoch of a 2-epoch cosine
 #  fp32     n20_e1's 2-epoch variant in fp32 (is bf16 autocast costing accuracy?)
 #  probes   tta10's last checkpoint probed two more ways: --eval-mode crops, --feature backbone
+#  bn2      n20_e1's 2-epoch variant with --patch-chunk 10: BatchNorm statistics over each half of
+#           the patch groups, as the reference's nn.DataParallel computes them on two GPUs
 #  tta30    time to 90%: the n=20 30-epoch preset probed at 10, 20, 29, 30 epochs (~11 min of
 #           training on an H100, ~5 min of probes; 29 epochs is about 10 training minutes)
 # Every probe is the paper's: 128 augmented patches per image, 100 linear epochs.
@@ -72,6 +74,11 @@ if want probes; then
       --out "runs/acc_probe_$tag" $PROBE $a 2>&1 | tail -2
     cp "runs/acc_probe_$tag/results.json" "$OUT/probe_e10_$tag.json"
   done
+fi
+if want bn2; then
+  step n20 1 epoch, 2-epoch schedule, BatchNorm per half of the patch groups
+  tta c10_n20_e1_sched2_bn2 --config configs/cifar10_n20_e1.yaml --epochs 2 --points 1 \
+    --train-args "$TRAIN --patch-chunk 10"
 fi
 if want tta30; then
   step time to 90%, n20, 30-epoch schedule
