@@ -33,9 +33,7 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -47,7 +45,7 @@ from model.checkpoint import CheckpointError, load_checkpoint, load_encoder
 from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
 from model.linear_probe import knn_predict, train_linear_probe
 from pipeline.errors import UserError
-from pipeline.formats import (MANIFEST_NAME, Manifest, load_manifest, require_format,
+from pipeline.formats import (MANIFEST_NAME, Manifest, atomic_path, load_manifest, require_format,
                               require_split, sha256_file, write_bytes_atomic,
                               write_json_atomic)
 from pipeline.patches import AugmentParams, flatten_patches, make_patches
@@ -403,15 +401,8 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
 # --------------------------------------------------------------------------- plots
 
 def _savefig_atomic(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
 
 
 def plot_tsne(features: torch.Tensor, labels: torch.Tensor, class_names: list[str], path: Path,

@@ -450,7 +450,7 @@ class Trainer:
 
     # -- the loop
     def fit(self) -> int:
-        cfg, d = self.cfg, self.cfg.data
+        cfg = self.cfg
         self.commit = git_commit()
         self.last_good = self.out / "ckpt.pt" if (self.out / "ckpt.pt").exists() else None
         writer = None
@@ -485,7 +485,7 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0, desc="train")
         metrics_f = open(self.out / "metrics.jsonl", "a") if self.is_main else None
         self.model.train()
-        it, t_data, t_start = None, 0.0, time.perf_counter()
+        it, t_start = None, time.perf_counter()
         win_t, win_steps, win_data = time.perf_counter(), 0, 0.0
         pending = None  # (step, loss, tcr, inv, lr) tensors not yet read back
         total_data = 0.0

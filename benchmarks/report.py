@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.formats import atomic_path  # noqa: E402
 
 
 def where(d: dict) -> str:
@@ -149,9 +152,8 @@ def plot_bars(rows: list[tuple[str, float]], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, results_path, write_json  # noqa: E402
+from pipeline.formats import atomic_path  # noqa: E402
 
 # Tong et al. 2023, CIFAR-10, ResNet-18, linear probe top-1 after E epochs (n=200).
 PAPER_CIFAR10 = {1: 0.851, 10: 0.915, 30: 0.934}
@@ -82,9 +83,8 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"{result['config']} on {result['dataset_name']} ({hw.get('gpu') or hw.get('cpu_model', '?')})",
                  fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ computed in fp32 whatever dtype z arrives in (bf16 -> fp32; fp64 stays fp64 for 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 

@@ -9,13 +9,12 @@ ffcv is imported lazily: importing this module never requires it.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+from .formats import atomic_path
 
 IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
@@ -88,21 +87,11 @@ def write_beton(path: Path | str, images, labels: np.ndarray, encoding: str = "r
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # FFCV writes the temp file; renamed only once complete
         fields = {IMAGE_FIELD: RGBImageField(write_mode=encoding, jpeg_quality=jpeg_quality),
                   LABEL_FIELD: IntField()}
         writer = DatasetWriter(tmp, fields, num_workers=max(1, num_workers))
         writer.from_indexed_dataset(_Arrays(images, labels.astype(np.int64)))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_beton(path: Path | str) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ source in pipeline/sources reads through them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -136,21 +137,29 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_bytes_atomic(path: Path | str, data: bytes) -> None:
-    """Write to a temp file beside ``path`` and rename it, so readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: Path | str):
+    """Yield a temp path beside ``path`` for the caller (or a library) to write; on success it
+    is fsynced and renamed onto ``path``, on any error removed: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``atomic_path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def write_json_atomic(path: Path | str, obj) -> None:

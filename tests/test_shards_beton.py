@@ -182,3 +182,23 @@ def test_beton_missing_ffcv_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"pip install -e '\.\[ffcv\]'") as e:
         beton.write_beton(tmp_path / "x.beton", np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1))
     assert "\n" not in str(e.value)
+
+
+def test_atomic_path_renames_on_success_and_leaves_nothing_on_error(tmp_path):
+    from pathlib import Path
+
+    from pipeline.formats import atomic_path, write_bytes_atomic
+
+    target = tmp_path / "sub" / "file.bin"
+    write_bytes_atomic(target, b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            Path(tmp).write_bytes(b"half of the new")
+            raise RuntimeError("writer died")
+    assert target.read_bytes() == b"old"                      # the old file is untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]  # no temp left
+    with atomic_path(target) as tmp:
+        Path(tmp).write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # not visible before the block ends
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
