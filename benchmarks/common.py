@@ -146,3 +146,12 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
         fn()
     times = [time_call(fn, device, cuda_events) for _ in range(repeats)]
     return statistics.median(times), times
+
+
+def endless(source):
+    """A data source's batches across epochs, forever (``set_epoch`` before each pass)."""
+    epoch = 0
+    while True:
+        source.set_epoch(epoch)
+        yield from source
+        epoch += 1

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, results_path, sync, write_json  # noqa: E402
+from benchmarks.common import endless, environment, results_path, sync, write_json  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import load_manifest, require_split  # noqa: E402
 from pipeline.patches import AugmentParams, make_patches  # noqa: E402
@@ -72,15 +72,6 @@ def parse_args(argv=None):
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # SOURCE,DEVICE,N: one row, as JSON
     return p.parse_args(argv)
-
-
-def endless(source):
-    """Batches across epochs, forever."""
-    epoch = 0
-    while True:
-        source.set_epoch(epoch)
-        yield from source
-        epoch += 1
 
 
 def round_up(x: int, m: int) -> int:

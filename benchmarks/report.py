@@ -43,32 +43,34 @@ def _fmt(x, digits=0) -> str:
     return f"{x:,.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
-def pipeline_table(files) -> list[str]:
-    out = ["| source | device | n | patches/s | images/s | vs reference | hardware | date | file |",
-           "|---|---|---|---:|---:|---:|---|---|---|"]
+def _rows_table(files, columns: list[str], align: str, cells) -> list[str]:
+    """A table of every row with a ``patches_per_s`` figure: ``cells(row)`` gives the first
+    columns; hardware, date and file of the result it came from are appended."""
+    out = ["| " + " | ".join(columns + ["hardware", "date", "file"]) + " |",
+           "|" + "|".join(align) + "|---|---|---|"]
     for path, d in files:
         for r in d.get("rows", []):
-            if "patches_per_s" not in r:
-                continue
-            vs = r.get("vs_reference")
-            out.append(f"| {r['source']} | {r['device']} | {r['n']} | {_fmt(r['patches_per_s'])} | "
-                       f"{_fmt(r.get('images_per_s', 0))} | {f'{vs:.1f}x' if vs else ''} | {where(d)} | "
-                       f"{when(d, path)} | {_name(path)} |")
+            if "patches_per_s" in r:
+                out.append("| " + " | ".join([*cells(r), where(d), when(d, path), _name(path)]) + " |")
     return out
+
+
+def pipeline_table(files) -> list[str]:
+    def cells(r):
+        vs = r.get("vs_reference")
+        return [r["source"], r["device"], str(r["n"]), _fmt(r["patches_per_s"]),
+                _fmt(r.get("images_per_s", 0)), f"{vs:.1f}x" if vs else ""]
+    return _rows_table(files, ["source", "device", "n", "patches/s", "images/s", "vs reference"],
+                       ["---"] * 3 + ["---:"] * 3, cells)
 
 
 def train_table(files) -> list[str]:
-    out = ["| source | option | n | device | amp | patches/s | pipeline overhead | hardware | date | file |",
-           "|---|---|---|---|---|---:|---:|---|---|---|"]
-    for path, d in files:
-        for r in d.get("rows", []):
-            if "patches_per_s" not in r:
-                continue
-            ov = r.get("pipeline_overhead")
-            out.append(f"| {r['source']} | {r['option']} | {r['n']} | {r['device']} | {r.get('amp', '')} | "
-                       f"{_fmt(r['patches_per_s'])} | {f'{100 * ov:.1f}%' if ov is not None else ''} | "
-                       f"{where(d)} | {when(d, path)} | {_name(path)} |")
-    return out
+    def cells(r):
+        ov = r.get("pipeline_overhead")
+        return [r["source"], r["option"], str(r["n"]), r["device"], r.get("amp", ""),
+                _fmt(r["patches_per_s"]), f"{100 * ov:.1f}%" if ov is not None else ""]
+    return _rows_table(files, ["source", "option", "n", "device", "amp", "patches/s", "pipeline overhead"],
+                       ["---"] * 5 + ["---:"] * 2, cells)
 
 
 def generic_rows(files) -> list[str]:

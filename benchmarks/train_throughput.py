@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, median_time, results_path, write_json  # noqa: E402
+from benchmarks.common import endless, environment, median_time, results_path, write_json  # noqa: E402
 from model.encoder import EncoderConfig, build_encoder  # noqa: E402
 from model.lars import LARS, lars_param_groups  # noqa: E402
 from model.step import EmpStep  # noqa: E402
@@ -42,15 +42,6 @@ def make_step(option: str, n: int, width: int, stem: str, projector, amp: str, d
     return EmpStep(net, model, opt, amp=amp, patch_chunk=max(1, n // 4) if option == "chunked" else 0)
 
 
-def batches(source):
-    """Endless (images, labels) from a source, epoch after epoch."""
-    epoch = 0
-    while True:
-        source.set_epoch(epoch)
-        yield from source
-        epoch += 1
-
-
 def bench(args, device, n: int, option: str, src_name: str, man) -> dict:
     step = make_step(option, n, args.width, args.stem, args.projector, args.amp, device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -66,7 +57,7 @@ def bench(args, device, n: int, option: str, src_name: str, man) -> dict:
         opts = SourceOptions(batch_size=args.batch_size, device=device, seed=0, num_workers=args.workers)
         extra = dict(**geo, augment=AugmentParams()) if src_name == "reference" else {}
         source = build_source(src_name, args.data, "train", opts, **extra)
-        it = batches(source)
+        it = endless(source)
 
         def one():
             images, _ = next(it)
