@@ -225,12 +225,19 @@ def test_feature_cache_is_reused_and_invalidated(cifar_subset_data, tmp_path, mo
     assert len(calls) == 2 and len(cache_files(run)) == 4
     assert read_results(run / "probe")["eval_mode"] == "crops"
 
+    # so is another extraction precision (bf16 autocast runs on the CPU too); auto = fp32 here
+    assert first["amp"] == "fp32"
+    assert probe.main(args + ["--amp", "bf16"]) == 0
+    bf16 = read_results(run / "probe")
+    assert len(calls) == 4 and len(cache_files(run)) == 6 and bf16["amp"] == "bf16"
+    assert bf16["features_cached"] == {"train": False, "test": False}
+
     # a new checkpoint at the same path (other weights): the key changes, features recomputed
     make_checkpoint(ckpt, cifar_subset_data, seed=1)
     assert probe.main(args) == 0
     third = read_results(run / "probe")
-    assert len(calls) == 4 and third["features_cached"] == {"train": False, "test": False}
-    assert len(cache_files(run)) == 6
+    assert len(calls) == 6 and third["features_cached"] == {"train": False, "test": False}
+    assert len(cache_files(run)) == 8
     assert third["checkpoint"]["sha256"] != first["checkpoint"]["sha256"]
 
 
