@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import environment, results_path, write_json  # noqa: E402
 from pipeline.formats import atomic_path  # noqa: E402
 
-# Tong et al. 2023, CIFAR-10, ResNet-18, linear probe top-1 after E epochs (n=200).
+# Tong et al. 2023, CIFAR-10, ResNet-18, n=200 patches: linear probe top-1 after E epochs.
 PAPER_CIFAR10 = {1: 0.851, 10: 0.915, 30: 0.934}
 SMOKE = dict(config="configs/demo.yaml", points="0.25,0.5,1", epochs=1.0,
              train_args="--num-patches 4 --data.max_images 1000 --model.projector 128,32",
@@ -73,7 +73,7 @@ def plot(result: dict, path: Path) -> None:
         if result["dataset_name"].startswith("cifar10") and not result["smoke"]:
             for e, acc in PAPER_CIFAR10.items():
                 ax.axhline(100 * acc, color="gray", lw=0.8, ls=":")
-                ax.text(ax.get_xlim()[0], 100 * acc, f" paper {e} ep: {100 * acc:.1f}%", fontsize=7,
+                ax.text(ax.get_xlim()[0], 100 * acc, f" paper, n=200, {e} ep: {100 * acc:.1f}%", fontsize=7,
                         va="bottom", color="gray")
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 (%)")
