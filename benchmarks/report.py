@@ -110,7 +110,8 @@ def probe_rows(files) -> list[str]:
     for path, d in files:
         ck = d.get("checkpoint", {})
         cfg_n = ck.get("num_patches", "")
-        out.append(f"| {ck.get('path', '?')} | {cfg_n} | {ck.get('epoch', '')} | {d.get('feature')} | "
+        init = " (random init)" if d.get("random_init") else ""
+        out.append(f"| {ck.get('path', '?')}{init} | {cfg_n} | {ck.get('epoch', '')} | {d.get('feature')} | "
                    f"{d.get('test_patches')} | {_pct(d.get('linear_top1'))} | {_pct(d.get('knn_top1'))} | "
                    f"{_name(path)} |")
     return out

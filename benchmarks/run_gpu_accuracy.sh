@@ -5,8 +5,10 @@
 #   bash benchmarks/run_gpu_accuracy.sh ARCHIVE OUTDIR [STEPS]
 #   JITTER=fixed bash benchmarks/run_gpu_accuracy.sh ...   # colour jitter order of the 2026-11-22 runs
 #
-# STEPS: comma-separated names, default "tests,n20_e1,tta10,n200_e1,fp32,probes" (the set that
-# produced results/gpu_acc_20261122/, in that order, with JITTER=fixed); "tta30" is the long one.
+# STEPS: comma-separated names, default "tests,n20_e1,tta10,n200_e1,fp32,probes": the runs of
+# results/gpu_acc_20261122/, in that order (each JSON's "command" is the exact one used; the
+# patch draws have changed since, so JITTER=fixed re-runs them closely, not bit for bit).
+# Every run starts afresh: its runs/acc_<name> folder is removed first.
 #  tests    the CUDA-only tests (pytest -m cuda)
 #  n20_e1   CIFAR-10 n=20, 1 epoch: under the 1-epoch cosine, and as the first epoch of a
 #           2-epoch cosine (the reference README's "1 epoch" command: main.py --epoch 2, 0.pt)
@@ -15,7 +17,8 @@
 #  fp32     n20_e1's 2-epoch variant in fp32 (is bf16 autocast costing accuracy?)
 #  probes   tta10's last checkpoint probed two more ways: --eval-mode crops, --feature backbone
 #  bn2      n20_e1's 2-epoch variant with --patch-chunk 10: BatchNorm statistics over each half of
-#           the patch groups, as the reference's nn.DataParallel computes them on two GPUs
+#           the patch groups, as the reference's nn.DataParallel computes them on two GPUs (here
+#           the running averages are updated by both halves; DataParallel keeps the first's)
 #  tta30    time to 90%: the n=20 30-epoch preset probed at 10, 20, 29, 30 epochs (~11 min of
 #           training on an H100, ~5 min of probes; 29 epochs is about 10 training minutes)
 # Every probe is the paper's: 128 augmented patches per image, 100 linear epochs.
@@ -32,6 +35,7 @@ step() { echo "=== $(date -u +%H:%M:%S) $*"; }
 want() { [[ $STEPS == *",$1,"* ]]; }
 tta() {  # tta NAME ARGS...: one time_to_accuracy run, its JSON in OUT, the full log in runs/
   local name=$1; shift
+  rm -rf "runs/acc_$name"  # time_to_accuracy.py would resume a run left there
   $TTA --out "runs/acc_$name" --probe-args "$PROBE" --json "$OUT/time_to_accuracy_$name.json" "$@" 2>&1 \
     | tee -a runs/acc_full.log | grep -E "^epoch|wrote|rror|Error"
 }
@@ -70,9 +74,12 @@ if want probes; then
   step probe variants of the 10-epoch checkpoint
   for a in "--eval-mode crops" "--feature backbone"; do
     tag=$(echo "$a" | tr -dc 'a-z')
-    $PY probe.py --checkpoint runs/acc_c10_n20_e10/run/ckpt.pt --data data/cifar10 \
-      --out "runs/acc_probe_$tag" $PROBE $a 2>&1 | tail -2
-    cp "runs/acc_probe_$tag/results.json" "$OUT/probe_e10_$tag.json"
+    rm -rf "runs/acc_probe_$tag"
+    if $PY probe.py --checkpoint runs/acc_c10_n20_e10/run/ckpt.pt --data data/cifar10 \
+        --out "runs/acc_probe_$tag" $PROBE $a > "runs/acc_probe_$tag.log" 2>&1; then
+      cp "runs/acc_probe_$tag/results.json" "$OUT/probe_e10_$tag.json"
+    fi
+    tail -2 "runs/acc_probe_$tag.log"
   done
 fi
 if want bn2; then

@@ -41,6 +41,9 @@ def save_checkpoint(path: Path | str, payload: dict) -> None:
             torch.save({"format": FORMAT, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)  # mkstemp made it 0600; give it a plain open()'s mode
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -137,6 +137,20 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
+def set_default_mode(path: Path | str) -> None:
+    """Give a mkstemp file (mode 0600) the mode a plain ``open`` would have (0666 & ~umask)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str):
     """Yield a temp path beside ``path`` for the caller (or a library) to write; on success it
@@ -149,6 +163,7 @@ def atomic_path(path: Path | str):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

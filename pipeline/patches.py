@@ -237,7 +237,7 @@ def make_patches(images: Tensor, *, num_patches: int, patch_size: int, out_size:
         raise ValueError(f"patch_size {p} is larger than the images ({h}x{w})")
     dev = images.device
     num = n * bsz
-    u = torch.rand(num, _NUM_DRAWS, generator=generator, device=dev)  # (N, 12), N = n*B
+    u = torch.rand(num, _NUM_DRAWS, generator=generator, device=dev)  # (N, 13), N = n*B
 
     # crop origin and flip of every patch; patch-major: patch i of image b is row i*B + b
     b_idx = torch.arange(bsz, device=dev).repeat(n)  # (N,)
@@ -289,7 +289,7 @@ def make_patches(images: Tensor, *, num_patches: int, patch_size: int, out_size:
     return out.permute(0, 3, 1, 2).view(n, bsz, 3, s, s)  # (n, B, 3, S, S), channels_last strides
 
 
-def _draw_params(u: Tensor, a: AugmentParams) -> dict[str, Tensor]:
+def _draw_params(u: Tensor, a: AugmentParams) -> dict[str, Tensor | None]:
     """Per-patch parameters from the uniform draws (column layout in the module docstring)."""
     def factor(col: int, amount: float) -> Tensor:  # U[max(0, 1 - a), 1 + a] like ColorJitter
         lo = max(0.0, 1.0 - amount)

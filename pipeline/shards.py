@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import UserError
-from .formats import DALI_EXTENSIONS, dali_index_name, dali_shard_name, write_bytes_atomic
+from .formats import (DALI_EXTENSIONS, dali_index_name, dali_shard_name, set_default_mode,
+                      write_bytes_atomic)
 
 INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset reads
 KEY_DIGITS = 9
@@ -72,6 +73,7 @@ class _ShardWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        set_default_mode(self.tmp)
         os.replace(self.tmp, self.tar_path)
         index = f"{INDEX_VERSION} {len(self.lines)}\n" + "".join(l + "\n" for l in self.lines)
         write_bytes_atomic(self.idx_path, index.encode("ascii"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 
 import numpy as np
 import pytest
@@ -202,3 +203,7 @@ def test_atomic_path_renames_on_success_and_leaves_nothing_on_error(tmp_path):
         assert target.read_bytes() == b"old"  # not visible before the block ends
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
+    # the mode a plain open() gives, not mkstemp's 0600
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
