@@ -288,11 +288,13 @@ def open_dataset(root: Path, *, test_split: str, patch_size: int, flag: str,
 # --------------------------------------------------------------------------- features
 
 def images_per_call(extract_batch: int, num_patches: int, out_size: int,
-                    device: torch.device) -> int:
-    """Images per encoder call: the flag, or a budget of ~16k (GPU) / 1k (CPU) 32px patches."""
+                    device: torch.device, amp: str = "bf16") -> int:
+    """Images per encoder call: the flag, or a budget of ~16k (GPU; 8k in fp32, twice the bytes
+    per activation) / 1k (CPU) 32px patches."""
     if extract_batch:
         return extract_batch
-    budget = (16384 if device.type == "cuda" else 1024) * 32 * 32 // (out_size * out_size)
+    per_32px = (16384 if amp == "bf16" else 8192) if device.type == "cuda" else 1024
+    budget = per_32px * 32 * 32 // (out_size * out_size)
     return max(1, budget // num_patches)
 
 
@@ -384,7 +386,7 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
         return hit[0], hit[1], True
 
     split_index = ("train", "val", "test").index(split)
-    B = images_per_call(cfg.extract_batch, cfg.test_patches, loaded.out_size, device)
+    B = images_per_call(cfg.extract_batch, cfg.test_patches, loaded.out_size, device, cfg.amp)
     # A subset is the first max_images of a seeded shuffle (a class-sorted split stays balanced).
     opts = SourceOptions(batch_size=B, device=device, shuffle=cfg.max_images is not None,
                          drop_last=False, seed=cfg.seed + split_index)
