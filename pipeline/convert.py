@@ -831,14 +831,6 @@ def _remove_stale_temp_dirs(out: Path, name: str) -> None:
             pass
 
 
-def _umask_permissions(path: Path) -> None:
-    """chmod ``path`` (and everything under it) to what a plain open() would have made."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
 def _choose_ffcv_encoding(requested: str, data: dict[str, _SplitData]) -> str:
     if requested != "auto":
         return requested
@@ -921,7 +913,6 @@ def convert(source: Path | str, opts: ConvertOptions) -> ConvertResult:
             seconds["dali"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        _umask_permissions(tmp)  # writers' temp files are 0600; make outputs readable like any
         files = {p.relative_to(tmp).as_posix(): sha256_file(p)
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         seconds["checksums"] = time.perf_counter() - t
@@ -939,7 +930,6 @@ def convert(source: Path | str, opts: ConvertOptions) -> ConvertResult:
             ffcv_encoding=ffcv_encoding, jpeg_quality=opts.jpeg_quality,
             tool_version=TOOL_VERSION, source_format=plan.kind, resize=opts.resize)
         save_manifest(tmp, manifest)
-        _umask_permissions(tmp / MANIFEST_NAME)
         if final.exists() or final.is_symlink():
             old = out / f".{opts.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -284,3 +285,13 @@ def test_full_shared_cifar10_archive(tmp_path):
     assert {k: v.count for k, v in m.splits.items()} == {"train": 50000, "test": 10000}
     assert m.splits["train"].class_counts == [5000] * 10 and res.passthrough["train"] == 50000
     assert verify(res.root, progress=False) == []
+
+
+def test_converted_files_have_a_plain_open_mode(cifar_subset_data):
+    """Every writer (memory .npy, .beton, shards, manifest) leaves its file with the mode a
+    plain open() gives, never a temp file's 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for p in cifar_subset_data.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".npy", ".beton", ".tar", ".idx", ".json"}
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~mask}
