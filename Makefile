@@ -1,7 +1,5 @@
 # Set-up, the main job, the tests. Every target runs from the repository root.
 PY ?= .venv/bin/python
-PIP ?= .venv/bin/pip
-APT_DEPS = pkg-config libturbojpeg0-dev libopencv-dev
 
 .PHONY: setup demo test bench
 

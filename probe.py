@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, load_checkpoint, load_encoder
 from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
-from model.linear_probe import knn_predict, train_linear_probe
+from model.linear_probe import knn_top1, train_linear_probe
 from pipeline.errors import UserError
 from pipeline.formats import (MANIFEST_NAME, Manifest, atomic_path, load_manifest, require_format,
                               require_split, sha256_file, write_bytes_atomic,
@@ -491,9 +491,8 @@ def evaluate(loaded: Loaded, ds: Dataset, cfg: ProbeConfig, device: torch.device
                              batch_size=cfg.batch_size, seed=cfg.seed, device=device,
                              progress=cfg.progress, desc=f"{name} linear probe")
     t2 = time.perf_counter()
-    knn_pred = knn_predict(train_x.to(device), train_y, test_x, num_classes=C, k=cfg.knn_k,
-                           temperature=cfg.knn_temperature).cpu()
-    knn_top1 = (knn_pred == test_y).sum().item() / len(test_y)
+    knn_acc = knn_top1(train_x.to(device), train_y, test_x, test_y, num_classes=C, k=cfg.knn_k,
+                       temperature=cfg.knn_temperature)
     t3 = time.perf_counter()
     plots = {}
     if cfg.plots:
@@ -514,7 +513,7 @@ def evaluate(loaded: Loaded, ds: Dataset, cfg: ProbeConfig, device: torch.device
                             "reference code only (linear_top1 is the final epoch)",
         "linear_train_top1": lin["final_train_top1"],
         "linear_train_loss": lin["final_train_loss"],
-        "knn_top1": knn_top1,
+        "knn_top1": knn_acc,
         "dataset": ds.describe(),
         "num_train": len(train_y), "num_test": len(test_y),
         "feature_dim": train_x.shape[1],

@@ -6,8 +6,7 @@
                                            # -> benchmarks/results/pipeline_<hostkind>_<date>.json
 
 Timing: wall clock (time.perf_counter) with torch.cuda.synchronize() before and after on a
-CUDA device, so host work (data loading) and queued GPU work both count; ``cuda_events=True``
-times the GPU stream with CUDA events instead (for pure-GPU kernels). Library versions come
+CUDA device, so host work (data loading) and queued GPU work both count. Library versions come
 from the installed distributions' metadata: nothing heavy (DALI, FFCV) is imported.
 """
 from __future__ import annotations
@@ -121,17 +120,8 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device | str = "cpu",
-              cuda_events: bool = False) -> float:
+def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
     """Seconds one call of fn takes, its queued GPU work included."""
-    device = torch.device(device)
-    if device.type == "cuda" and cuda_events:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
     sync(device)
     t = time.perf_counter()
     fn()
@@ -140,11 +130,11 @@ def time_call(fn: Callable[[], object], device: torch.device | str = "cpu",
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
-                device: torch.device | str = "cpu", cuda_events: bool = False) -> tuple[float, list[float]]:
+                device: torch.device | str = "cpu") -> tuple[float, list[float]]:
     """(median seconds, all seconds) of ``repeats`` calls of fn after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    times = [time_call(fn, device, cuda_events) for _ in range(repeats)]
+    times = [time_call(fn, device) for _ in range(repeats)]
     return statistics.median(times), times
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.formats import atomic_path  # noqa: E402
+from pipeline.formats import atomic_path, write_bytes_atomic  # noqa: E402
 
 
 def where(d: dict) -> str:
@@ -90,10 +90,8 @@ def conversion_rows(files) -> list[str]:
     for path, d in files:
         ips = d.get("images_per_s", {})
         per = ", ".join(f"{k.split('_')[0]} {_fmt(v)}" for k, v in ips.items() if k.endswith("end_to_end"))
-        hw = d.get("hardware", {})
-        name = f"{hw.get('cpu_model', '?')} ({hw.get('nproc', '?')} cores)"
         out.append(f"| {_fmt(d.get('dataset', {}).get('images', '?'))} | {per} | {_fmt(ips.get('total', 0))} | "
-                   f"{name} | {when(d, path)} | {_name(path)} |")
+                   f"{where(d)} | {when(d, path)} | {_name(path)} |")
     return out
 
 
@@ -203,9 +201,7 @@ def main(argv=None) -> int:
         lines += ["## Time to accuracy (linear probe after E epochs of one run)", "", *tta_rows(groups["tta"]), ""]
     if groups["other"]:
         lines += ["Unrecognised result files: " + ", ".join(p.name for p, _ in groups["other"]), ""]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    write_bytes_atomic(out, "\n".join(lines).encode())
     print(f"report: wrote {out}")
     return 0
 

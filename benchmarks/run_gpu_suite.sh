@@ -10,6 +10,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu
 $PY -c "import torch;print('torch',torch.__version__,'cuda',torch.version.cuda)" >> "$OUT/gpu.txt"
 [ -f data/cifar10/manifest.json ] || $PY tools/convert_datasets.py "$ARCHIVE" --name cifar10 --out data \
   --formats memory --no-progress 2>&1 | tail -3
+rm -rf runs/c10_n20_e1  # a fresh run: a failed step must not leave an old result to copy
 $PY train.py --config configs/cifar10_n20_e1.yaml --data data/cifar10 --out runs/c10_n20_e1 \
   --run.log_every 50 2>&1 | grep -v "it/s\]$\|step/s" | tail -5
 cp runs/c10_n20_e1/metrics.jsonl "$OUT/train_c10_n20_e1_metrics.jsonl"

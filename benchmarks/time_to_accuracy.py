@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, results_path, write_json  # noqa: E402
+from model.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.formats import atomic_path  # noqa: E402
 
 # Tong et al. 2023, CIFAR-10, ResNet-18, n=200 patches: linear probe top-1 after E epochs.
@@ -53,9 +54,7 @@ def summary_of(run_dir: Path) -> dict:
 
 def steps_per_epoch(run_dir: Path) -> tuple[int, int]:
     """(steps per epoch, total steps) from the run's checkpoint."""
-    import torch
-
-    ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(run_dir / "ckpt.pt")
     return ckpt["steps_per_epoch"], ckpt["total_steps"]
 
 

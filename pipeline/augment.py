@@ -29,7 +29,7 @@ from torch import Tensor
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
-def _per_patch(v: Tensor) -> Tensor:
+def per_patch(v: Tensor) -> Tensor:
     return v.reshape(-1, 1, 1, 1)  # (N,) -> (N, 1, 1, 1)
 
 
@@ -41,19 +41,19 @@ def grayscale(x: Tensor) -> Tensor:
 
 def adjust_brightness_(x: Tensor, factor: Tensor) -> Tensor:
     """x <- clamp(factor * x, 0, 1)."""
-    return x.mul_(_per_patch(factor)).clamp_(0.0, 1.0)
+    return x.mul_(per_patch(factor)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast_(x: Tensor, factor: Tensor) -> Tensor:
     """x <- clamp(f * x + (1 - f) * m, 0, 1), m = the patch's mean luma."""
     m = grayscale(x).mean(dim=(1, 2, 3))  # (N,)
-    return x.mul_(_per_patch(factor)).add_(_per_patch((1.0 - factor) * m)).clamp_(0.0, 1.0)
+    return x.mul_(per_patch(factor)).add_(per_patch((1.0 - factor) * m)).clamp_(0.0, 1.0)
 
 
 def adjust_saturation_(x: Tensor, factor: Tensor) -> Tensor:
     """x <- clamp(f * x + (1 - f) * gray(x), 0, 1)."""
-    gray = grayscale(x).mul_(_per_patch(1.0 - factor))  # (N, 1, H, W)
-    return x.mul_(_per_patch(factor)).add_(gray).clamp_(0.0, 1.0)
+    gray = grayscale(x).mul_(per_patch(1.0 - factor))  # (N, 1, H, W)
+    return x.mul_(per_patch(factor)).add_(gray).clamp_(0.0, 1.0)
 
 
 def adjust_hue_(x: Tensor, shift: Tensor) -> Tensor:
@@ -79,7 +79,7 @@ def adjust_hue_(x: Tensor, shift: Tensor) -> Tensor:
     num = num_g.sub_(num_b).mul_(is_g).add_(num_b)  # g ? num_g : num_b
     num = (g - b).sub_(num).mul_(is_r).add_(num)  # r ? g - b : num
     hue = num.div_(chroma + 1e-30)  # in [-1, 5]; C == 0 gives num == 0 and hue 0
-    hue.add_(_per_patch(shift * 6.0).squeeze(1))  # + (N, 1, 1): in (-4, 8)
+    hue.add_(per_patch(shift * 6.0).squeeze(1))  # + (N, 1, 1): in (-4, 8)
     hue.sub_(torch.floor(hue * (1.0 / 6.0)), alpha=6.0)  # mod 6, without the slow remainder
     w = is_r  # reuse as scratch
     for ch, center, base, sign in ((r, 3.0, minc, 1.0), (g, 2.0, maxc, -1.0), (b, 4.0, maxc, -1.0)):

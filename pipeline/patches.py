@@ -138,10 +138,6 @@ def _constants(p: int, s: int, mean: tuple, std: tuple, device: torch.device):
     return mean_t, std_t, rmat, rmat_t
 
 
-def _per_patch(v: Tensor) -> Tensor:
-    return v.view(-1, 1, 1, 1)  # (k,) -> (k, 1, 1, 1)
-
-
 @functools.lru_cache(maxsize=8)
 def _jitter_orders(device: torch.device) -> tuple[Tensor, Tensor]:
     """Per JITTER_ORDERS entry, on ``device`` (built once per device): the three blend ops in
@@ -360,8 +356,8 @@ def _color_jitter_random_order_(x: Tensor, q: dict[str, Tensor], idx: Tensor,
         w_gray = torch.where(is_s, 1.0 - fs, 0.0)  # (k,)
         gray = A.grayscale(x)  # (k, 1, S, S)
         shift = w_mean * gray.mean(dim=(1, 2, 3))  # (k,)
-        x.mul_(_per_patch(scale)).add_(_per_patch(shift))  # s x + b mean (addcmul out=x: 6x slower on CPU)
-        x.addcmul_(gray, _per_patch(w_gray)).clamp_(0.0, 1.0)  # + c gray, clamp
+        x.mul_(A.per_patch(scale)).add_(A.per_patch(shift))  # s x + b mean (addcmul out=x: 6x slower on CPU)
+        x.addcmul_(gray, A.per_patch(w_gray)).clamp_(0.0, 1.0)  # + c gray, clamp
     hue_at(3)
     return x
 
