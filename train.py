@@ -323,6 +323,7 @@ class Trainer:
         self.rank, self.world, local = init_distributed()
         self.is_main = self.rank == 0
         self.device = pick_device(cfg.run.device, local)
+        self._patch_gen = torch.Generator(device=self.device)  # re-seeded every step
         self.out = Path(cfg.run.out)
         ckpt_path = self.out / "ckpt.pt"
         if ckpt_path.exists() and not resume:
@@ -382,8 +383,7 @@ class Trainer:
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_fn = EmpStep(torch.compile(net) if cfg.run.compile else net, self.model, self.opt,
                                lam=cfg.loss.lam, eps=cfg.loss.eps, amp=self.amp,
-                               patch_chunk=cfg.run.patch_chunk, world=self.world,
-                               ddp=net if self.world > 1 else None)
+                               patch_chunk=cfg.run.patch_chunk, ddp=net if self.world > 1 else None)
         self._stop_signal = None
 
     # -- checkpoints
@@ -437,8 +437,7 @@ class Trainer:
         if self.source.yields_patches:
             return images  # (n, B, 3, S, S) from the reference source
         d = self.cfg.data
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed((self.cfg.run.seed * 1_000_003 + step) * self.world + self.rank)
+        gen = self._patch_gen.manual_seed((self.cfg.run.seed * 1_000_003 + step) * self.world + self.rank)
         return make_patches(images, num_patches=d.num_patches, patch_size=d.patch_size,
                             out_size=d.out_size, mean=self.manifest.mean, std=self.manifest.std,
                             generator=gen, augment=self.cfg.augment)  # (n, B, 3, S, S)

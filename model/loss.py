@@ -60,11 +60,17 @@ def _mask_failed(logdet: Tensor, info: Tensor, check: bool) -> Tensor:
     return logdet
 
 
+def _cholesky_logdet(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(L, log det m, info) of SPD matrices (..., k, k): log det = 2 sum log diag L; info != 0
+    where the factorisation failed (the log det there is garbage: see ``_mask_failed``)."""
+    chol, info = torch.linalg.cholesky_ex(m)                           # (..., k, k), (...)
+    return chol, 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1), info
+
+
 def logdet_spd(m: Tensor, check: bool = True) -> Tensor:
     """log det of a batch of symmetric positive definite matrices (..., k, k) -> (...), by
     ``torch.linalg.cholesky_ex``: 2 sum log diag L. check: as in ``total_coding_rate``."""
-    chol, info = torch.linalg.cholesky_ex(m)                           # (..., k, k), (...)
-    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (...)
+    _, logdet, info = _cholesky_logdet(m)
     return _mask_failed(logdet, info, check)
 
 
@@ -84,8 +90,7 @@ class _GramLogdet(torch.autograd.Function):
         gram = z @ z.transpose(1, 2) if small_b else z.transpose(1, 2) @ z  # (n, k, k), k = min(b, d)
         k = gram.shape[-1]
         m = torch.eye(k, dtype=z.dtype, device=z.device) + c * gram         # (n, k, k)
-        chol, info = torch.linalg.cholesky_ex(m)                            # (n, k, k), (n,)
-        logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (n,)
+        chol, logdet, info = _cholesky_logdet(m)                            # (n, k, k), (n,), (n,)
         ctx.save_for_backward(z, chol)
         ctx.c, ctx.small_b = c, small_b
         ctx.mark_non_differentiable(info)

@@ -32,21 +32,19 @@ class EmpStep:
     the plain module inside it (for BatchNorm handling), ``opt`` the optimizer.
 
     ``patch_chunk`` K > 0 backprops K patch groups at a time (see :meth:`chunked`).
-    Under DDP (``world > 1``) Z is all-gathered with gradients so the coding rate sees the
+    Under DDP (``ddp`` given) Z is all-gathered with gradients so the coding rate sees the
     global batch; DDP's gradient averaging then yields exactly d(global loss)/d(params).
     """
 
     def __init__(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, *,
                  lam: float = 200.0, eps: float = 0.2, amp: str = "fp32", patch_chunk: int = 0,
-                 world: int = 1, ddp: nn.Module | None = None):
+                 ddp: nn.Module | None = None):
         self.net, self.model, self.opt = net, model, opt
         self.lam, self.eps, self.amp, self.patch_chunk = lam, eps, amp, patch_chunk
-        self.world, self.ddp = world, ddp
+        self.ddp = ddp  # the DDP wrapper when training on several ranks, else None
 
     def autocast(self, device_type: str):
-        if self.amp == "bf16":
-            return torch.autocast(device_type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp == "bf16")
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
         n, b = patches.shape[:2]
@@ -58,7 +56,7 @@ class EmpStep:
     def loss(self, z: torch.Tensor):
         # check=False: no host sync; a failed Cholesky gives a NaN loss, which the trainer's
         # throttled non-finite check reports. gather: the coding rate sees the global batch.
-        return emp_ssl_loss(z, lam=self.lam, eps=self.eps, check=False, gather=self.world > 1)
+        return emp_ssl_loss(z, lam=self.lam, eps=self.eps, check=False, gather=self.ddp is not None)
 
     def chunked(self, patches: torch.Tensor, k: int):
         """Backprop K patch groups at a time, with the gradient of one big step.
@@ -89,12 +87,13 @@ class EmpStep:
         """patches (n, B, 3, S, S) -> (loss, tcr, inv) detached tensors; no host sync."""
         k = self.patch_chunk
         if k and k < patches.shape[0]:
-            loss, tcr, inv = self.chunked(patches, k)
+            loss, tcr, inv = self.chunked(patches, k)  # detached
         else:
             loss, tcr, inv = self.loss(self.encode(patches))
             loss.backward()
+            loss, tcr, inv = loss.detach(), tcr.detach(), inv.detach()
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return loss.detach(), tcr.detach(), inv.detach()
+        return loss, tcr, inv
