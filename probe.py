@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     fx.add_argument("--feature", default="pre_projector", choices=FEATURE_KINDS,
                     help="pre_projector (default) = first projector block (Linear+BN+ReLU), what "
                          "the reference code averages; backbone = pooled ResNet h, the paper's text. "
-                         "Measured on an H100 1-epoch CIFAR-10 checkpoint (32 patches): "
-                         "pre_projector 76.7%% vs backbone 73.8%% linear top-1")
+                         "Measured on an H100 10-epoch CIFAR-10 checkpoint (128 patches): "
+                         "pre_projector 83.97%% vs backbone 83.33%% linear top-1")
     fx.add_argument("--extract-batch", type=int, default=0,
                     help="images per encoder call (x test-patches patches); 0 = auto")
     fx.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
