@@ -21,6 +21,11 @@
 #           the running averages are updated by both halves; DataParallel keeps the first's)
 #  tta30    time to 90%: the n=20 30-epoch preset probed at 10, 20, 29, 30 epochs (~11 min of
 #           training on an H100, ~5 min of probes; 29 epochs is about 10 training minutes)
+#  jpeg     n20_e1's 2-epoch variant on copies of the data re-encoded at JPEG quality 50 and 30
+#           (benchmarks/reencode_jpeg.py): accuracy against JPEG loss, to judge how much of the
+#           gap to the paper the q75 copy here can explain (~2 min per quality)
+#  seed     n20_e1's 2-epoch variant with --seed 1: the run-to-run spread those differences
+#           must exceed
 # Every probe is the paper's: 128 augmented patches per image, 100 linear epochs.
 set -u
 ARCHIVE=${1:-../shared/datasets/cifar10-jpeg.tar.xz}; OUT=${2:-benchmarks/results/gpu}
@@ -28,7 +33,7 @@ STEPS=",${3:-tests,n20_e1,tta10,n200_e1,fp32,probes},"
 JITTER=${JITTER:-random}
 mkdir -p "$OUT" runs; export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-TTA="$PY benchmarks/time_to_accuracy.py --data data/cifar10"
+TTA="$PY benchmarks/time_to_accuracy.py --data data/cifar10"  # a later --data wins
 PROBE='--quiet --no-plots'
 TRAIN="--augment.jitter_order $JITTER"
 step() { echo "=== $(date -u +%H:%M:%S) $*"; }
@@ -90,5 +95,22 @@ fi
 if want tta30; then
   step time to 90%, n20, 30-epoch schedule
   tta c10_n20_e30 --config configs/cifar10_n20_e30.yaml --points 10,20,29,30 --train-args "$TRAIN"
+fi
+if want jpeg; then
+  for q in 50 30; do
+    step n20 1 epoch, 2-epoch schedule, data re-encoded at JPEG quality $q
+    rm -rf "data/cifar10_q$q"
+    $PY benchmarks/reencode_jpeg.py data/cifar10 "runs/cifar10_q$q.tar" --quality $q --overwrite \
+      --stats "$OUT/reencode_q$q.json" \
+      && $PY tools/convert_datasets.py "runs/cifar10_q$q.tar" --name "cifar10_q$q" --out data \
+        --formats memory --no-progress 2>&1 | tail -2
+    tta "c10_n20_e1_sched2_q$q" --config configs/cifar10_n20_e1.yaml --epochs 2 --points 1 \
+      --data "data/cifar10_q$q" --train-args "$TRAIN"
+  done
+fi
+if want seed; then
+  step n20 1 epoch, 2-epoch schedule, seed 1
+  tta c10_n20_e1_sched2_seed1 --config configs/cifar10_n20_e1.yaml --epochs 2 --points 1 \
+    --train-args "$TRAIN --seed 1"
 fi
 step done

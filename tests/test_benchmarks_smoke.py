@@ -48,3 +48,41 @@ def test_report_reads_train_args_of_older_time_to_accuracy_files():
     assert _train_args(old) == "--run.amp fp32"
     assert _train_args({"command": "python benchmarks/time_to_accuracy.py --points 1"}) == ""
     assert _train_args({"train_args": "--epochs 2", "command": "x --train-args y"}) == "--epochs 2"
+
+
+def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_path):
+    """The re-encoded tar converts back to the same images (labels, order within a class), with
+    pixel errors that grow as the quality falls; q100 4:4:4 stays within a few levels."""
+    import numpy as np
+
+    from pipeline.formats import load_manifest
+    from pipeline.sources.memory import load_memory_arrays
+
+    src = cifar_subset_data
+    errors = {}
+    for q, sub in ((100, "444"), (50, "420"), (20, "420")):
+        tar = tmp_path / f"q{q}.tar"
+        run_tool("benchmarks/reencode_jpeg.py", str(src), str(tar), "--quality", str(q),
+                 "--subsampling", sub, "--max-per-class", "5", "--stats", str(tmp_path / f"q{q}.json"))
+        run_tool("tools/convert_datasets.py", str(tar), "--name", f"q{q}", "--out", str(tmp_path),
+                 "--formats", "memory", "--no-progress")
+        assert load_manifest(tmp_path / f"q{q}").classes == load_manifest(src).classes
+        for split in ("train", "test"):
+            orig, olab = load_memory_arrays(src, split)
+            new, nlab = load_memory_arrays(tmp_path / f"q{q}", split)
+            keep = np.concatenate([np.flatnonzero(olab == c)[:5] for c in range(10)])
+            assert new.shape == (50, 32, 32, 3) and np.array_equal(np.sort(nlab), np.sort(olab[keep]))
+            # the converter lists files by name: class by class, indices ascending = keep's order
+            diff = np.abs(new.astype(np.int16) - orig[keep].astype(np.int16))
+            errors.setdefault(q, []).append(diff.mean())
+        stats = json.loads((tmp_path / f"q{q}.json").read_text())
+        assert stats["splits"]["train"]["images"] == 50
+        assert abs(stats["splits"]["train"]["mae"] - errors[q][0]) < 1e-6
+    assert max(errors[100]) < 1.0 < min(errors[50]) and max(errors[50]) < min(errors[20])
+
+    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "q50.tar"), "--quality", "50",
+                   check=False)
+    assert bad.returncode == 2 and "exists; pass --overwrite" in bad.stderr
+    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "x.tar"), "--quality", "0",
+                   check=False)
+    assert bad.returncode == 2 and "--quality 0" in bad.stderr and not (tmp_path / "x.tar").exists()
