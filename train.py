@@ -38,7 +38,7 @@ import yaml
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.encoder import EncoderConfig, build_encoder
 from model.lars import LARS, lars_param_groups
-from model.step import EmpStep
+from model.step import EmpStep, configure_cuda
 from pipeline.errors import UserError
 from pipeline.formats import load_manifest, require_split, write_bytes_atomic
 from pipeline.patches import AugmentParams, make_patches
@@ -333,11 +333,7 @@ class Trainer:
             raise UserError(f"--resume: {ckpt_path} does not exist; start without --resume")
         self.amp = cfg.run.amp if cfg.run.amp != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            # The encoder runs in bf16 under autocast; fp32 matmuls left are the loss's Gram
-            # matrices, where TF32 costs ~3e-4 relative gradient error: keep them in full fp32.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = True
+            configure_cuda()
 
         d = cfg.data
         self.manifest = load_manifest(d.path)
@@ -383,7 +379,8 @@ class Trainer:
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_fn = EmpStep(torch.compile(net) if cfg.run.compile else net, self.model, self.opt,
                                lam=cfg.loss.lam, eps=cfg.loss.eps, amp=self.amp,
-                               patch_chunk=cfg.run.patch_chunk, ddp=net if self.world > 1 else None)
+                               patch_chunk=cfg.run.patch_chunk, ddp=net if self.world > 1 else None,
+                               channels_last=cfg.run.channels_last)
         self._stop_signal = None
 
     # -- checkpoints

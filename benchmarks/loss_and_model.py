@@ -9,21 +9,25 @@
                 I + d/(b eps) Z_i^T Z_i (LU), invariance by a loop over patches
       batched : all groups at once on the b x b Gram matrix, Cholesky, autograd backward
       fused   : model.loss.emp_ssl_loss (batched + closed-form backward)
-(2) Training step (forward, loss, backward, LARS step) in patches/s for fp32 vs bf16
+(2) Training step (model.step.EmpStep, what train.py runs: forward, loss, backward, LARS step,
+    with train.py's CUDA backend settings) in patches/s for fp32 vs bf16
     autocast, contiguous vs channels_last, eager vs torch.compile: on CPU 20 images x 4
     patches at 32 px (width 64, plus width 16 rows); on CUDA 100 images x 20 patches at
     32 px, width 64.
 Figures are medians over repeats after warm-up; ratios are to the baseline measured in the
 same run. JSON in benchmarks/results/ (hardware, versions, command and load average inside).
 
-Results, 2026-11-22 (benchmarks/results/loss_and_model_{h100_eager,h100_compiled,cpu2}_20261122.json):
+Results, 2026-11-22 (benchmarks/results/loss_and_model_{h100_eager,h100_compiled,cpu2}_20261122.json;
+the step rows there were timed on a hand-written equivalent of EmpStep, see below):
   H100 80GB HBM3, torch 2.11, fp32 loss:  n=20  naive 58.9 ms, fused 2.15 ms (27x)
                                           n=200 naive 712 ms,  fused 4.06 ms (175x)
   H100 step, 100 x 20 patches @ 32 px, width 64, patches/s (TF32 on):
       eager    fp32 contiguous 19.8k | fp32 channels_last 32.1k | bf16 channels_last 54.4k
       compiled fp32 contiguous 35.8k | bf16 contiguous 70.4k   | bf16 channels_last 70.8k
       (eager and compiled rows are two runs on the same machine kind; both ran before the
-      invariance term switched from F.cosine_similarity to the einsum form)
+      invariance term switched from F.cosine_similarity to the einsum form, and before this
+      script timed EmpStep: they timed an equivalent hand-written step with TF32 matmuls on,
+      which train.py keeps off, so their fp32 rows overstate fp32 training; not re-measured)
   2-core AMD EPYC shared with other jobs, --threads 1: loss n=20 naive 1988 ms, fused 33 ms
   (60x); n=200 naive 49.5 s, fused 502 ms (99x). CPU step rows (20 x 4 @ 32 px): width 64
   eager 23-43 patches/s, width 16 79-99; the shared machine makes them noisy (see the JSON).
@@ -45,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.common import environment, median_time, results_path, write_json  # noqa: E402
 from model import LARS, EncoderConfig, build_encoder, emp_ssl_loss, lars_param_groups  # noqa: E402
 from model.loss import invariance, logdet_spd  # noqa: E402
+from model.step import EmpStep, configure_cuda  # noqa: E402
 
 
 # ---------------------------------------------------------------- (1) the loss
@@ -113,6 +118,7 @@ def bench_loss(device: str, ns: list[int], b: int, d: int, quick: bool) -> list[
 # ---------------------------------------------------------------- (2) the training step
 def bench_step(device: str, width: int, images: int, patches: int, size: int, bf16: bool,
                channels_last: bool, compiled: bool, repeats: int, warmup: int) -> dict:
+    """model.step.EmpStep, the step train.py runs, on a fixed random patch tensor."""
     cuda = device == "cuda"
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -120,18 +126,15 @@ def bench_step(device: str, width: int, images: int, patches: int, size: int, bf
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = LARS(lars_param_groups(model), lr=0.3)
-    fwd = torch.compile(model) if compiled else model
+    step_fn = EmpStep(torch.compile(model) if compiled else model, model, opt,
+                      amp="bf16" if bf16 else "fp32", channels_last=channels_last)
     n, b = patches, images
-    x = torch.rand(n * b, 3, size, size, device=device).contiguous(memory_format=fmt)  # (n*b, 3, S, S)
+    # (n, b, 3, S, S) with the strides make_patches gives in the chosen layout: no per-step copy
+    x = torch.rand(n * b, 3, size, size, device=device).contiguous(memory_format=fmt).view(
+        n, b, 3, size, size)
 
     def step():
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-            _, z = fwd(x)                                               # (n*b, d) fp32
-        loss, _, _ = emp_ssl_loss(z.view(n, b, -1), check=False)       # (n, b, d)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
+        return step_fn(x, 0.3)[0]                                      # detached loss
 
     t = time.perf_counter()
     step()                                                              # compile happens here
@@ -206,11 +209,9 @@ def main(argv: list[str]) -> None:
     if not args.skip_loss:                  # loss part: plain fp32 matmuls (no TF32)
         rows += bench_loss(args.device, [int(v) for v in args.ns.split(",")], 100, 1024,
                                  args.quick)
-    if args.device == "cuda":               # step part: as a trainer would run it
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        out["train_step_tf32"] = True
+    if args.device == "cuda":               # step part: the backend settings train.py uses
+        configure_cuda()
+        out["cuda_backends"] = dict(cudnn_benchmark=True, cudnn_tf32=True, matmul_tf32=False)
     if not args.skip_step:
         modes = ["eager"] if args.quick else args.modes.split(",")
         if not set(modes) <= {"eager", "compiled"}:

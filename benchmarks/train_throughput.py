@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from benchmarks.common import endless, environment, median_time, results_path, write_json  # noqa: E402
 from model.encoder import EncoderConfig, build_encoder  # noqa: E402
 from model.lars import LARS, lars_param_groups  # noqa: E402
-from model.step import EmpStep  # noqa: E402
+from model.step import EmpStep, configure_cuda  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import load_manifest  # noqa: E402
 from pipeline.patches import AugmentParams, make_patches  # noqa: E402
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        configure_cuda()  # as train.py runs
     try:
         man = load_manifest(args.data)
     except UserError as e:

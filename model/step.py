@@ -13,6 +13,16 @@ from torch import nn
 from .loss import emp_ssl_loss
 
 
+def configure_cuda() -> None:
+    """The CUDA backend settings every training step here runs with (train.py and the
+    benchmarks): cuDNN autotuning; TF32 for convolutions; full fp32 matmuls. The encoder runs
+    in bf16 under autocast, so the fp32 matmuls left are the loss's Gram matrices, where TF32
+    costs ~3e-4 relative gradient error."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 @contextlib.contextmanager
 def bn_frozen_stats(model: nn.Module):
     """BatchNorm in train mode (batch statistics) but running averages left untouched."""
@@ -34,12 +44,15 @@ class EmpStep:
     ``patch_chunk`` K > 0 backprops K patch groups at a time (see :meth:`chunked`).
     Under DDP (``ddp`` given) Z is all-gathered with gradients so the coding rate sees the
     global batch; DDP's gradient averaging then yields exactly d(global loss)/d(params).
+    ``channels_last``: the memory format the patches are handed to ``net`` in (match the
+    model's; make_patches' output already has channels-last strides, so that costs no copy).
     """
 
     def __init__(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, *,
                  lam: float = 200.0, eps: float = 0.2, amp: str = "fp32", patch_chunk: int = 0,
-                 ddp: nn.Module | None = None):
+                 ddp: nn.Module | None = None, channels_last: bool = True):
         self.net, self.model, self.opt = net, model, opt
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.lam, self.eps, self.amp, self.patch_chunk = lam, eps, amp, patch_chunk
         self.ddp = ddp  # the DDP wrapper when training on several ranks, else None
 
@@ -48,7 +61,7 @@ class EmpStep:
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
         n, b = patches.shape[:2]
-        x = patches.reshape(n * b, *patches.shape[2:]).contiguous(memory_format=torch.channels_last)
+        x = patches.reshape(n * b, *patches.shape[2:]).contiguous(memory_format=self.memory_format)
         with self.autocast(patches.device.type):
             _, z = self.net(x)  # (n*B, d)
         return z.float().view(n, b, -1)  # (n, B, d)
