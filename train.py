@@ -63,14 +63,6 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    arch: str = "resnet18"
-    stem: str = "cifar"  # cifar: 3x3 conv stride 1, no max-pool; imagenet: 7x7/2 + max-pool
-    width: int = 64  # base width (64 = ResNet-18; 16 for CPU demos)
-    projector: list = field(default_factory=lambda: [4096, 4096, 1024])  # hidden..., out
-
-
-@dataclass
 class OptimConfig:
     epochs: float = 1.0  # may be fractional; the cosine schedule spans exactly this many
     lr: float = 0.3  # peak lr; cosine to 0 per step (paper: 0.3, no warm-up)
@@ -103,7 +95,7 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: EncoderConfig = field(default_factory=EncoderConfig)  # arch, stem, width, projector
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentParams = field(default_factory=AugmentParams)  # per-patch probabilities, strengths
@@ -207,14 +199,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model.stem == "cifar" and d.out_size > 32:
         raise UserError(f"--model.stem cifar with {d.out_size}px patches: the cifar stem is for 32px "
                         f"inputs; use --model.stem imagenet (or a tinyimagenet/imagenet100 preset)")
-    try:
-        encoder_config(cfg.model)
-    except ValueError as e:
-        raise UserError(f"config model: {e}") from None
-
-
-def encoder_config(m: ModelConfig) -> EncoderConfig:
-    return EncoderConfig(arch=m.arch, stem=m.stem, width=m.width, projector=tuple(m.projector))
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
@@ -222,7 +206,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any config key can be overridden as --section.key value, e.g. --optim.lr 0.2 "
                "--model.width 32 --augment.blur_p 0. Keys: see the dataclasses at the top of "
-               "train.py or a saved RUN/config.yaml.")
+               "train.py (model: EncoderConfig in model/encoder.py) or a saved RUN/config.yaml.")
     p.add_argument("--config", default="configs/cifar10_n20_e1.yaml",
                    help="YAML preset (configs/); default: the paper's CIFAR-10 1-epoch n=20 recipe")
     p.add_argument("--data", help="converted dataset dir (data.path), e.g. data/cifar10")
@@ -257,6 +241,11 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _plain(obj):
+    """JSON's view of a config: tuples become lists (YAML-safe; equal whichever was saved)."""
+    return json.loads(json.dumps(obj))
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -365,7 +354,7 @@ class Trainer:
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
 
         torch.manual_seed(cfg.run.seed)
-        self.model = build_encoder(encoder_config(cfg.model)).to(self.device)
+        self.model = build_encoder(cfg.model).to(self.device)
         if cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = LARS(lars_param_groups(self.model), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
@@ -388,7 +377,7 @@ class Trainer:
         d = self.cfg.data
         return {
             "model": self.model.state_dict(),
-            "encoder": encoder_config(self.cfg.model).to_dict(),
+            "encoder": self.cfg.model.to_dict(),
             "patch": {"patch_size": d.patch_size, "out_size": d.out_size},
             "data": {"name": self.manifest.name, "classes": list(self.manifest.classes),
                      "mean": list(self.manifest.mean), "std": list(self.manifest.std),
@@ -413,8 +402,8 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        saved = ckpt.get("config", {})
-        mine = asdict(self.cfg)
+        saved = _plain(ckpt.get("config", {}))  # tuples and lists compare equal after this
+        mine = _plain(asdict(self.cfg))
         diff = [f"{s}.{k}" for s in mine for k in mine[s]
                 if s in saved and saved[s].get(k) != mine[s][k] and (s, k) not in RESUME_FREE]
         if diff:
@@ -454,7 +443,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             resolved = {**asdict(cfg), "git_commit": self.commit, "source_resolved": self.source_name,
                         "device": str(self.device), "world_size": self.world}
-            resolved = json.loads(json.dumps(resolved))  # tuples -> lists for YAML
+            resolved = _plain(resolved)  # tuples -> lists for YAML
             write_bytes_atomic(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
             if cfg.run.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter

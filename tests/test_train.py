@@ -82,8 +82,8 @@ def test_sigterm_leaves_loadable_checkpoint(cifar_subset_data, tmp_path):
     assert "--resume" in err
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert 2 <= ckpt["step"] < 500
-    assert set(ckpt["model"]) == set(train.build_encoder(train.encoder_config(train.ModelConfig(
-        width=16, projector=[128, 32]))).state_dict())
+    assert set(ckpt["model"]) == set(train.build_encoder(train.EncoderConfig(
+        width=16, projector=(128, 32))).state_dict())
 
 
 def _grads(model):
@@ -181,6 +181,17 @@ def test_bad_inputs(cifar_subset_data, tmp_path):
     out = tmp_path / "o8"
     assert train.main(small_args(cifar_subset_data, out, "--epochs", "0.2")) == 0
     assert "already holds a run" in _bad(small_args(cifar_subset_data, out))
+    for key, value in (("--model.width", "0"), ("--model.projector", "128,-1"), ("--model.stem", "x")):
+        msg = _bad(small_args(cifar_subset_data, tmp_path / "o9", key, value))
+        assert msg.startswith("train: error: config model:") and key[8:] in msg and "\n" not in msg.strip()
+    # a checkpoint written when the model section held the projector as a list resumes
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["config"]["model"]["projector"] == (128, 32)
+    ckpt["config"]["model"]["projector"] = [128, 32]
+    torch.save(ckpt, out / "ckpt.pt")
+    msg = _bad(small_args(cifar_subset_data, out, "--epochs", "0.4", "--resume"))
+    assert "optim.epochs" in msg and "model" not in msg  # only the real difference is named
+    assert train.main(small_args(cifar_subset_data, out, "--epochs", "0.2", "--resume")) == 0
 
 
 def test_missing_optional_library_is_one_line(cifar_subset_data, tmp_path, monkeypatch, capsys):
