@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from pipeline.formats import write_json_atomic  # noqa: E402
+from pipeline.formats import default_workers, write_json_atomic  # noqa: E402
 
 DISTRIBUTIONS = ("torch", "torchvision", "numpy", "pillow", "nvidia-dali-cuda130", "ffcv", "numba")
 
@@ -56,7 +56,7 @@ def versions() -> dict:
 
 def hardware() -> dict:
     hw = {"platform": platform.platform(), "nproc": os.cpu_count(),
-          "cpus_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+          "cpus_usable": default_workers(), "torch_threads": torch.get_num_threads(),
           "loadavg_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
     try:
         with open("/proc/cpuinfo") as f:
@@ -99,7 +99,7 @@ def host_kind() -> str:
         name = torch.cuda.get_device_name(0).lower()
         m = re.search(r"\b([a-z]+\d{2,4}[a-z]*)\b", name.replace("nvidia", ""))
         return re.sub(r"[^a-z0-9]+", "", m.group(1) if m else name)[:16]
-    return f"cpu{len(os.sched_getaffinity(0))}"
+    return f"cpu{default_workers()}"
 
 
 def results_path(stem: str) -> Path:

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import endless, environment, results_path, sync, write_json  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.formats import load_manifest, require_split  # noqa: E402
+from pipeline.formats import default_workers, load_manifest, require_split  # noqa: E402
 from pipeline.patches import AugmentParams, make_patches  # noqa: E402
 from pipeline.sources import SOURCES, build_source  # noqa: E402
 from pipeline.sources.base import SourceOptions  # noqa: E402
@@ -156,7 +156,7 @@ def measure_in_subprocess(name: str, dev: str, n: int, argv: list[str]) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
-    a.threads = a.threads or len(os.sched_getaffinity(0))
+    a.threads = a.threads or default_workers()
     torch.set_num_threads(a.threads)
     root = Path(a.data)
     try:

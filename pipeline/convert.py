@@ -37,9 +37,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
-from .formats import (FORMATS, MANIFEST_NAME, SPLITS, Manifest, SplitInfo, dali_dir, ffcv_path,
-                      load_manifest, memory_images_path, memory_labels_path, save_manifest,
-                      sha256_file)
+from .formats import (FORMATS, MANIFEST_NAME, SPLITS, Manifest, SplitInfo, dali_dir,  # noqa: F401
+                      default_workers, ffcv_path, load_manifest, memory_images_path,
+                      memory_labels_path, save_manifest, sha256_file)  # default_workers: re-exported
 
 TOOL_VERSION = "convert_datasets 1.0"
 FFCV_RAW_MAX_SIDE = 64  # --ffcv-encoding auto: raw pixels up to this side, JPEG above
@@ -53,13 +53,6 @@ SAMPLES_PER_SHARD = 5000
 JPEG_MEAN_TOL = 4.0
 JPEG_MAX_TOL = 64.0
 _IGNORED_NAMES = ("__MACOSX", "Thumbs.db")
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- trees

@@ -137,6 +137,14 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity mask; os.cpu_count() off Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

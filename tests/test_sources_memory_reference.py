@@ -148,3 +148,15 @@ def test_reference_matches_make_patches_statistics(cifar_subset_data, arrays):
     for stat in (lambda t: t.mean(dim=(0, 1, 3, 4)), lambda t: t.std(dim=(0, 1, 3, 4)),
                  lambda t: t.flatten(2).std(-1).mean()):  # per channel; within-patch contrast
         torch.testing.assert_close(stat(ref), stat(ours), atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_more_ranks_than_images_is_a_clear_error(cifar_subset_data, name):
+    """Every source refuses a world larger than the split (500 train images) in one line."""
+    if name in ("dali", "ffcv"):
+        pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[name])
+    extra = dict(num_patches=2, patch_size=16, out_size=32, mean=(0.5,) * 3, std=(0.5,) * 3) \
+        if name == "reference" else {}
+    with pytest.raises(UserError, match="has 500 images, fewer than the 501 ranks"):
+        build_source(name, cifar_subset_data, "train",
+                     SourceOptions(batch_size=1, rank=0, world_size=501), **extra)

@@ -16,6 +16,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import UserError
+from ..formats import SplitInfo, load_manifest, require_format, require_split
+
 
 def epoch_order(num_images: int, batch_size: int, epoch: int, start_batch: int, seed: int,
                 shuffle: bool, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
@@ -53,6 +56,21 @@ class Source:
         self.epoch = 0
         self.start_batch = 0
         self.num_images = 0
+
+    def _open_split(self, fmt: str) -> SplitInfo:
+        """The split's manifest entry, after the checks every source makes: the manifest lists
+        the split and ``fmt``. Sets ``num_images`` and checks every rank gets an image."""
+        manifest = load_manifest(self.root)
+        info = require_split(manifest, self.root, self.split)
+        require_format(manifest, self.root, fmt)
+        self._set_num_images(info.count)
+        return info
+
+    def _set_num_images(self, count: int) -> None:
+        self.num_images = count
+        if count // self.opts.world_size == 0:
+            raise UserError(f"{self.root}: split '{self.split}' has {count} images, fewer than "
+                            f"the {self.opts.world_size} ranks")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's order; the next iteration starts at batch ``start_batch``."""

@@ -35,15 +35,13 @@ nvidia-dali is imported lazily: importing this module never needs it.
 from __future__ import annotations
 
 import math
-import os
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from ..formats import (DALI_EXTENSIONS, dali_dir, dali_shards, load_manifest, require_format,
-                       require_split)
+from ..formats import DALI_EXTENSIONS, dali_dir, dali_shards, default_workers
 from ..shards import index_count
 from .base import Source, SourceOptions
 
@@ -88,9 +86,7 @@ class DaliSource(Source):
                  shuffle_bytes: int = DEFAULT_SHUFFLE_BYTES, prefetch_epochs: bool = True):
         super().__init__(root, split, opts)
         self._dali = import_dali()
-        manifest = load_manifest(root)
-        info = require_split(manifest, root, split)
-        require_format(manifest, root, "dali")
+        info = self._open_split("dali")
         shards = dali_shards(root, split)
         if not shards:
             raise UserError(f"{dali_dir(root, split)}: no shard-*.tar files; re-convert with "
@@ -100,7 +96,6 @@ class DaliSource(Source):
                 raise UserError(f"{idx}: missing DALI index beside {tar.name}; re-convert with "
                                 f"--formats dali --overwrite")
         self.shards = shards
-        self.num_images = info.count
         found = sum(index_count(idx) for _, idx in shards)
         if found != self.num_images:
             raise UserError(f"{dali_dir(root, split)}: shards hold {found} samples, the manifest "
@@ -116,11 +111,8 @@ class DaliSource(Source):
         self.device = torch.device(opts.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.num_threads = opts.num_workers or min(4, os.cpu_count() or 1)
+        self.num_threads = opts.num_workers or min(4, default_workers())
         per_rank = self.num_images // opts.world_size
-        if per_rank == 0:
-            raise UserError(f"{root}: split '{split}' has {self.num_images} images, fewer than "
-                            f"the {opts.world_size} ranks")
         total = sum(t.stat().st_size for t, _ in shards)
         self.mean_sample_bytes = max(1, total // max(1, self.num_images))  # tar bytes a sample
         if shuffle_buffer is None:

@@ -21,7 +21,6 @@ ffcv is imported lazily: importing this module never needs it.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 
 from ..beton import IMAGE_FIELD, LABEL_FIELD, import_ffcv
 from ..errors import UserError
-from ..formats import ffcv_path, load_manifest, require_format, require_split
+from ..formats import default_workers, ffcv_path
 from .base import Source, SourceOptions, epoch_order  # noqa: F401 (epoch_order re-exported)
 
 
@@ -40,9 +39,7 @@ class FfcvSource(Source):
                  batches_ahead: int = 3, image_size: int | None = None):
         super().__init__(root, split, opts)
         import_ffcv("--source ffcv")
-        manifest = load_manifest(root)
-        info = require_split(manifest, root, split)
-        require_format(manifest, root, "ffcv")
+        info = self._open_split("ffcv")
         self.path = ffcv_path(root, split)
         if not self.path.is_file():
             raise UserError(f"{self.path}: missing; re-convert with --formats ffcv --overwrite")
@@ -50,14 +47,10 @@ class FfcvSource(Source):
             raise UserError(f"--image-size: {root} split '{split}' has images of different sizes; "
                             f"give --image-size S (center crop + resize) or re-convert with "
                             f"--resize")
-        self.num_images = info.count
-        if self.num_images // opts.world_size == 0:
-            raise UserError(f"{root}: split '{split}' has {self.num_images} images, fewer than "
-                            f"the {opts.world_size} ranks")
         self.image_size = image_size
         self.device = torch.device(opts.device)
         self.os_cache, self.batches_ahead = os_cache, batches_ahead
-        self.num_workers = opts.num_workers or min(8, os.cpu_count() or 1)
+        self.num_workers = opts.num_workers or min(8, default_workers())
         self._order = _make_order(self)
         self._loader = None
 

@@ -100,10 +100,7 @@ class MemorySource(Source):
     def __init__(self, root, split: str, opts: SourceOptions):
         super().__init__(root, split, opts)
         images, labels = load_memory_arrays(root, split)
-        self.num_images = len(images)
-        if self.num_images // opts.world_size == 0:
-            raise UserError(f"{root}: split '{split}' has {self.num_images} images, fewer than "
-                            f"the {opts.world_size} ranks")
+        self._set_num_images(len(images))
         self.device = torch.device(opts.device)
         self.images = _to_device(images, self.device)  # (N, H, W, 3) uint8
         self.labels = torch.from_numpy(labels).to(self.device)  # (N,) int64

@@ -16,14 +16,13 @@ and ffcv sources. augment=None gives crops only. K = AugmentParams.blur_kernel_s
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..formats import memory_images_path
+from ..formats import default_workers, memory_images_path
 from ..patches import AugmentParams
 from .base import Source, SourceOptions, epoch_order
 from .memory import load_memory_arrays
@@ -90,9 +89,9 @@ class ReferenceSource(Source):
         images, labels = load_memory_arrays(root, split)
         if patch_size > min(images.shape[1:3]):
             raise ValueError(f"patch_size {patch_size} is larger than the images {images.shape[1:3]}")
-        self.num_images = len(images)
+        self._set_num_images(len(images))
         self.device = torch.device(opts.device)
-        self.num_workers = opts.num_workers or min(8, len(os.sched_getaffinity(0)))
+        self.num_workers = opts.num_workers or min(8, default_workers())
         transform = reference_transform(patch_size, out_size, mean, std, augment)
         self.dataset = _PatchDataset(memory_images_path(root, split), labels, num_patches, transform)
 
