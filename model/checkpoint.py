@@ -15,11 +15,11 @@ The probe rebuilds the encoder from "encoder" + "model" through :func:`load_enco
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from pipeline.formats import atomic_path
 
 FORMAT = "emp-ssl-ckpt/1"
 
@@ -29,26 +29,12 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: Path | str, payload: dict) -> None:
-    """Write ``payload`` to a temp file beside ``path``, fsync, then rename over it.
+    """Write ``payload`` through ``atomic_path`` (temp file beside ``path``, fsync, rename).
 
     An interrupted save leaves the previous checkpoint intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)  # mkstemp made it 0600; give it a plain open()'s mode
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **payload}, tmp)
 
 
 def load_checkpoint(path: Path | str, map_location="cpu") -> dict:

@@ -18,15 +18,12 @@ Tars are reproducible: fixed mtime/owner/mode, so the same samples give the same
 from __future__ import annotations
 
 import io
-import os
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import UserError
-from .formats import (DALI_EXTENSIONS, dali_index_name, dali_shard_name, set_default_mode,
-                      write_bytes_atomic)
+from .formats import DALI_EXTENSIONS, atomic_path, dali_index_name, dali_shard_name, write_bytes_atomic
 
 INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset reads
 KEY_DIGITS = 9
@@ -46,75 +43,48 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-class _ShardWriter:
-    """One tar written to a temp file beside its final name; ``close`` renames tar then idx."""
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> str:
+    """Append a member; return its index fields ``<data offset> <size> <name>``."""
+    start = tar.offset  # where this member's header begins
+    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+    return f"{start + _BLOCK} {len(data)} {name}"  # USTAR: one header block, short names
 
-    def __init__(self, out_dir: Path, shard_index: int):
-        self.tar_path = out_dir / dali_shard_name(shard_index)
-        self.idx_path = out_dir / dali_index_name(shard_index)
-        fd, self.tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{self.tar_path.name}.",
-                                        suffix=".tmp")
-        self.file = os.fdopen(fd, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
-        self.lines: list[str] = []
 
-    def _add(self, name: str, data: bytes) -> str:
-        start = self.tar.offset  # where this member's header begins
-        self.tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-        return f"{start + _BLOCK} {len(data)} {name}"  # USTAR: one header block, short names
-
-    def add(self, key: str, jpeg: bytes, label: int) -> None:
-        jpg = self._add(f"{key}.{_JPG}", jpeg)
-        cls = self._add(f"{key}.{_CLS}", str(int(label)).encode("ascii"))
-        self.lines.append(f"{_JPG} {jpg} {_CLS} {cls}")
-
-    def close(self) -> Path:
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        set_default_mode(self.tmp)
-        os.replace(self.tmp, self.tar_path)
-        index = f"{INDEX_VERSION} {len(self.lines)}\n" + "".join(l + "\n" for l in self.lines)
-        write_bytes_atomic(self.idx_path, index.encode("ascii"))
-        return self.tar_path
-
-    def abort(self) -> None:
-        try:
-            self.tar.close()
-            self.file.close()
-        finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+_END = object()
 
 
 def write_shards(out_dir: Path | str, samples: Iterable[tuple[bytes, int]],
                  samples_per_shard: int = 5000) -> list[Path]:
     """Write (jpeg_bytes, label) samples, in order, as WebDataset shards + DALI indexes.
 
-    Returns the tar paths in shard order. Every file appears only complete (temp + rename);
-    an exception midway leaves the shards finished so far and no temp file.
+    Returns the tar paths in shard order. Every file appears only complete (``atomic_path``:
+    temp + rename, the tar before its index); an exception midway (also one raised by the
+    ``samples`` iterator) leaves the shards finished so far and no temp file.
     """
     if samples_per_shard < 1:
         raise UserError(f"samples_per_shard={samples_per_shard}: must be >= 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    writer: _ShardWriter | None = None
+    it = iter(samples)
     n = 0
-    try:
-        for n, (jpeg, label) in enumerate(samples):
-            if n % samples_per_shard == 0:
-                if writer is not None:
-                    paths.append(writer.close())
-                writer = _ShardWriter(out_dir, n // samples_per_shard)
-            writer.add(sample_key(n), bytes(jpeg), label)
-        if writer is not None:
-            paths.append(writer.close())
-            writer = None
-    finally:
-        if writer is not None:
-            writer.abort()
+    sample = next(it, _END)
+    while sample is not _END:
+        shard = n // samples_per_shard
+        tar_path, lines = out_dir / dali_shard_name(shard), []
+        with atomic_path(tar_path) as tmp, open(tmp, "wb") as f, \
+                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            while sample is not _END and len(lines) < samples_per_shard:
+                jpeg, label = sample
+                key = sample_key(n)
+                jpg = _add(tar, f"{key}.{_JPG}", bytes(jpeg))
+                cls = _add(tar, f"{key}.{_CLS}", str(int(label)).encode("ascii"))
+                lines.append(f"{_JPG} {jpg} {_CLS} {cls}")
+                n += 1
+                sample = next(it, _END)
+        index = f"{INDEX_VERSION} {len(lines)}\n" + "".join(l + "\n" for l in lines)
+        write_bytes_atomic(out_dir / dali_index_name(shard), index.encode("ascii"))
+        paths.append(tar_path)
     return paths
 
 

@@ -46,6 +46,10 @@ def test_loss_decreases_and_outputs_written(cifar_subset_data, tmp_path):
     assert ckpt["data"]["classes"][0] == "airplane"
     saved = (out / "config.yaml").read_text()
     assert "git_commit" in saved and "num_patches: 4" in saved
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {(out / f).stat().st_mode & 0o777 for f in ("ckpt.pt", "config.yaml")} == {0o666 & ~mask}
+    assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
 
 
 def test_resume_is_bit_exact(cifar_subset_data, tmp_path):
