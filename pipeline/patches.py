@@ -215,21 +215,19 @@ def _cpu_pool(threads: int) -> ThreadPoolExecutor | None:
 
 def make_patches(images: Tensor, *, num_patches: int, patch_size: int, out_size: int,
                  mean: Sequence[float], std: Sequence[float], generator: torch.Generator,
-                 augment: AugmentParams | None = AugmentParams(), sizes: Tensor | None = None,
+                 augment: AugmentParams | None = AugmentParams(),
                  dtype: torch.dtype = torch.float32) -> Tensor:
     """n augmented P x P -> S x S patches of every image: (n, B, 3, S, S), normalized.
 
     images: uint8 (B, H, W, 3) or (B, 3, H, W) on any device; ``generator`` on that device.
     augment: None -> crops, resize and normalize only (the probe's "crops only").
-    sizes: (B, 2) int valid (h, w) of each image in a zero-padded batch; crops stay inside
-    each image's own h x w (an image smaller than P reads padding: keep P <= the min size).
     dtype: of the output; the work is done in float32. The result has channels_last strides,
     so flatten_patches() is a free view.
     """
     hwc = _as_hwc(images)  # (B, H, W, 3)
     bsz, h, w, _ = hwc.shape
     n, p, s = num_patches, patch_size, out_size
-    if sizes is None and (p > h or p > w):
+    if p > h or p > w:
         raise ValueError(f"patch_size {p} is larger than the images ({h}x{w})")
     dev = images.device
     num = n * bsz
@@ -237,13 +235,8 @@ def make_patches(images: Tensor, *, num_patches: int, patch_size: int, out_size:
 
     # crop origin and flip of every patch; patch-major: patch i of image b is row i*B + b
     b_idx = torch.arange(bsz, device=dev).repeat(n)  # (N,)
-    if sizes is not None:
-        sizes = sizes.to(dev, non_blocking=True).long()
-        heights, widths = sizes[b_idx, 0], sizes[b_idx, 1]  # (N,)
-    else:
-        heights, widths = h, w
-    top = torch.floor(u[:, _TOP] * (heights - p + 1)).long().clamp_(min=0)  # (N,)
-    left = torch.floor(u[:, _LEFT] * (widths - p + 1)).long().clamp_(min=0)  # (N,)
+    top = torch.floor(u[:, _TOP] * (h - p + 1)).long().clamp_(max=h - p)  # (N,) in [0, H - P]
+    left = torch.floor(u[:, _LEFT] * (w - p + 1)).long().clamp_(max=w - p)  # (N,) in [0, W - P]
     j = torch.arange(p, device=dev)
     rows = (b_idx * h + top)[:, None] + j  # (N, P) row of the (B*H) stacked images
     cols = left[:, None] + j  # (N, P)
