@@ -11,6 +11,11 @@ The projector follows the EMP-SSL reference code: one ``Linear -> BN -> ReLU`` b
 width, then a final ``Linear`` to the output width; ``projector=(4096, 4096, 1024)`` is
 512 -> 4096 -> 4096 -> 1024. The output of the first hidden block is what the reference
 averages over patches for evaluation; ``features(x, "pre_projector")`` returns it.
+
+Initialisation is the reference's: torchvision's ResNet init (kaiming-normal fan-out convs,
+BatchNorm weight 1 / bias 0), PyTorch's defaults for the Linear layers, and for the cifar
+stem's conv PyTorch's default Conv2d init (the reference swaps that conv in after
+torchvision's init loop).
 """
 from __future__ import annotations
 
@@ -118,6 +123,11 @@ class ResNetBackbone(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if stem == "cifar":
+            # The reference builds torchvision's resnet18 and then swaps in this 3x3 conv, after
+            # torchvision's init loop: it keeps PyTorch's default Conv2d init (kaiming-uniform,
+            # a=sqrt(5): U(+-1/sqrt(27)) here, std 0.111 vs kaiming-normal fan-out's 0.059).
+            self.stem[0].reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(self.stem(x))           # (N, 8w, S', S')

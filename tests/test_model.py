@@ -182,3 +182,18 @@ def test_cuda_bf16_channels_last_compiled_step_no_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+def test_initialisation_follows_the_reference():
+    """torchvision's ResNet init (kaiming-normal fan-out convs, BN 1/0), except the CIFAR stem
+    conv, which the reference swaps in after that init: PyTorch's default U(+-1/sqrt(fan_in))."""
+    torch.manual_seed(0)
+    cifar = build_encoder(EncoderConfig(stem="cifar")).backbone
+    w = cifar.stem[0].weight  # (64, 3, 3, 3), fan_in 27
+    assert w.abs().max() <= 27 ** -0.5 and abs(w.std().item() - 1 / 9) < 0.01
+    later = cifar.stages[0][0].conv1.weight  # (64, 64, 3, 3), fan_out 576
+    assert abs(later.std().item() - (2 / 576) ** 0.5) < 0.003
+    imagenet = build_encoder(EncoderConfig(stem="imagenet")).backbone
+    assert abs(imagenet.stem[0].weight.std().item() - (2 / (64 * 49)) ** 0.5) < 0.003
+    bn = cifar.stem[1]
+    assert torch.equal(bn.weight, torch.ones(64)) and torch.equal(bn.bias, torch.zeros(64))
