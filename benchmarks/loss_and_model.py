@@ -211,7 +211,9 @@ def main(argv: list[str]) -> None:
                                  args.quick)
     if args.device == "cuda":               # step part: the backend settings train.py uses
         configure_cuda()
-        out["cuda_backends"] = dict(cudnn_benchmark=True, cudnn_tf32=True, matmul_tf32=False)
+        out["cuda_backends"] = dict(cudnn_benchmark=torch.backends.cudnn.benchmark,
+                                    cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                                    matmul_tf32=torch.backends.cuda.matmul.allow_tf32)
     if not args.skip_step:
         modes = ["eager"] if args.quick else args.modes.split(",")
         if not set(modes) <= {"eager", "compiled"}:

@@ -1,4 +1,4 @@
-"""Checkpoints: plain tensors, numbers, strings, lists and dicts, written atomically.
+"""Checkpoints: plain tensors, numbers, strings, lists, tuples and dicts, written atomically.
 
 Layout of ``ckpt.pt`` (every key is plain data, so ``torch.load(weights_only=True)`` opens it):
 

@@ -37,9 +37,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
-from .formats import (FORMATS, MANIFEST_NAME, SPLITS, Manifest, SplitInfo, dali_dir,  # noqa: F401
+from .formats import (FORMATS, MANIFEST_NAME, SPLITS, Manifest, SplitInfo, dali_dir,
                       default_workers, ffcv_path, load_manifest, memory_images_path,
-                      memory_labels_path, save_manifest, sha256_file)  # default_workers: re-exported
+                      memory_labels_path, save_manifest, sha256_file)
 
 TOOL_VERSION = "convert_datasets 1.0"
 FFCV_RAW_MAX_SIDE = 64  # --ffcv-encoding auto: raw pixels up to this side, JPEG above

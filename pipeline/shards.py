@@ -74,17 +74,23 @@ def write_shards(out_dir: Path | str, samples: Iterable[tuple[bytes, int]],
         tar_path, lines = out_dir / dali_shard_name(shard), []
         with atomic_path(tar_path) as tmp, open(tmp, "wb") as f, \
                 tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            while sample is not _END and len(lines) < samples_per_shard:
+            while True:
                 jpeg, label = sample
                 key = sample_key(n)
                 jpg = _add(tar, f"{key}.{_JPG}", bytes(jpeg))
                 cls = _add(tar, f"{key}.{_CLS}", str(int(label)).encode("ascii"))
                 lines.append(f"{_JPG} {jpg} {_CLS} {cls}")
                 n += 1
+                if len(lines) == samples_per_shard:
+                    break  # full: ask for the next sample only once this shard is on disk
                 sample = next(it, _END)
+                if sample is _END:
+                    break
         index = f"{INDEX_VERSION} {len(lines)}\n" + "".join(l + "\n" for l in lines)
         write_bytes_atomic(out_dir / dali_index_name(shard), index.encode("ascii"))
         paths.append(tar_path)
+        if sample is not _END:
+            sample = next(it, _END)
     return paths
 
 

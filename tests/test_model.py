@@ -98,7 +98,7 @@ def test_config_validation():
     for bad in [0, -8, 2.5, True]:
         with pytest.raises(ValueError, match="width"):
             EncoderConfig(width=bad)
-    for bad in [(), (0, 5), (128, 2.0)]:
+    for bad in [(), (0, 5), (128, 2.0), 1024, "128,32"]:
         with pytest.raises(ValueError, match="projector"):
             EncoderConfig(projector=bad)
 

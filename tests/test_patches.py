@@ -1,5 +1,5 @@
 """make_patches / flatten_patches: layout, crop geometry, the composition against a per-patch
-torchvision loop, padded batches, determinism, probabilities, normalization."""
+torchvision loop, determinism, probabilities, normalization."""
 from __future__ import annotations
 
 import itertools

@@ -110,6 +110,21 @@ def test_shards_reproducible_and_atomic(tmp_path, real_samples):
     assert sorted(p.name for p in out.iterdir()) == [dali_index_name(0), dali_shard_name(0)]
     assert list(read_shards(out)) == real_samples[:10]
 
+    def failing_after_full_shard():
+        yield from real_samples[:10]
+        raise RuntimeError("source died")
+
+    out = tmp_path / "d"
+    with pytest.raises(RuntimeError, match="source died"):
+        write_shards(out, failing_after_full_shard(), samples_per_shard=10)
+    assert sorted(p.name for p in out.iterdir()) == [dali_index_name(0), dali_shard_name(0)]
+    assert list(read_shards(out)) == real_samples[:10]
+    # exact multiples and a short last shard
+    assert [p.name for p in write_shards(tmp_path / "e", real_samples[:20], samples_per_shard=10)] \
+        == [dali_shard_name(0), dali_shard_name(1)]
+    assert list(read_shards(tmp_path / "e")) == real_samples[:20]
+    assert write_shards(tmp_path / "f", [], samples_per_shard=10) == []
+
 
 def test_shards_bad_input(tmp_path, real_samples):
     with pytest.raises(UserError, match="samples_per_shard"):
