@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.common import environment  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import atomic_path, load_manifest, write_json_atomic  # noqa: E402
 from pipeline.sources.memory import load_memory_arrays  # noqa: E402
@@ -106,7 +107,8 @@ def main(argv: list[str]) -> int:
         stats = reencode(args.src, args.out, args.quality, args.subsampling, args.max_per_class)
         if args.stats:
             write_json_atomic(args.stats, dict(src=str(args.src), quality=args.quality,
-                                               subsampling=args.subsampling, splits=stats))
+                                               subsampling=args.subsampling, splits=stats,
+                                               **environment()))
     except UserError as e:
         print(f"reencode_jpeg: error: {e}", file=sys.stderr)
         return 2

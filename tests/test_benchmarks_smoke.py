@@ -58,12 +58,12 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
     from pipeline.formats import load_manifest
     from pipeline.sources.memory import load_memory_arrays
 
-    src = cifar_subset_data
+    src, res = cifar_subset_data, tmp_path / "results"
     errors = {}
     for q, sub in ((100, "444"), (50, "420"), (20, "420")):
         tar = tmp_path / f"q{q}.tar"
         run_tool("benchmarks/reencode_jpeg.py", str(src), str(tar), "--quality", str(q),
-                 "--subsampling", sub, "--max-per-class", "5", "--stats", str(tmp_path / f"q{q}.json"))
+                 "--subsampling", sub, "--max-per-class", "5", "--stats", str(res / f"reencode_q{q}.json"))
         run_tool("tools/convert_datasets.py", str(tar), "--name", f"q{q}", "--out", str(tmp_path),
                  "--formats", "memory", "--no-progress")
         assert load_manifest(tmp_path / f"q{q}").classes == load_manifest(src).classes
@@ -75,10 +75,14 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
             # the converter lists files by name: class by class, indices ascending = keep's order
             diff = np.abs(new.astype(np.int16) - orig[keep].astype(np.int16))
             errors.setdefault(q, []).append(diff.mean())
-        stats = json.loads((tmp_path / f"q{q}.json").read_text())
+        stats = json.loads((res / f"reencode_q{q}.json").read_text())
         assert stats["splits"]["train"]["images"] == 50
         assert abs(stats["splits"]["train"]["mae"] - errors[q][0]) < 1e-6
     assert max(errors[100]) < 1.0 < min(errors[50]) and max(errors[50]) < min(errors[20])
+    run_tool("benchmarks/report.py", "--results", str(res))
+    report = (res / "REPORT.md").read_text()
+    rows = [r for r in report.splitlines() if r.endswith(".json |") and "reencode_q" in r]
+    assert "## JPEG re-encodings" in report and len(rows) == 6 and rows[0].startswith("| 100 | 444 | ")
 
     bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "q50.tar"), "--quality", "50",
                    check=False)
