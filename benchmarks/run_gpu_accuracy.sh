@@ -9,6 +9,8 @@
 # results/gpu_acc_20261122/, in that order (each JSON's "command" is the exact one used; the
 # patch draws have changed since, so JITTER=fixed re-runs them closely, not bit for bit).
 # Every run starts afresh: its runs/acc_<name> folder is removed first.
+# Steps run in this order, whatever order STEPS lists them in: tests, n20_e1, tta10, n200_e1,
+# fp32, probes, jpeg, seed, bn2, bn4, tta30.
 #  tests    the CUDA-only tests (pytest -m cuda)
 #  n20_e1   CIFAR-10 n=20, 1 epoch: under the 1-epoch cosine, and as the first epoch of a
 #           2-epoch cosine (the reference README's "1 epoch" command: main.py --epoch 2, 0.pt)
@@ -19,6 +21,7 @@
 #  bn2      n20_e1's 2-epoch variant with --patch-chunk 10: BatchNorm statistics over each half of
 #           the patch groups, as the reference's nn.DataParallel computes them on two GPUs (here
 #           the running averages are updated by both halves; DataParallel keeps the first's)
+#  bn4      the same with --patch-chunk 5: BatchNorm per quarter, as on four GPUs
 #  tta30    time to 90%: the n=20 30-epoch preset probed at 10, 20, 29, 30 epochs (~11 min of
 #           training on an H100, ~5 min of probes; 29 epochs is about 10 training minutes)
 #  jpeg     n20_e1's 2-epoch variant on copies of the data re-encoded at JPEG quality 50 and 30
@@ -87,15 +90,6 @@ if want probes; then
     tail -2 "runs/acc_probe_$tag.log"
   done
 fi
-if want bn2; then
-  step n20 1 epoch, 2-epoch schedule, BatchNorm per half of the patch groups
-  tta c10_n20_e1_sched2_bn2 --config configs/cifar10_n20_e1.yaml --epochs 2 --points 1 \
-    --train-args "$TRAIN --patch-chunk 10"
-fi
-if want tta30; then
-  step time to 90%, n20, 30-epoch schedule
-  tta c10_n20_e30 --config configs/cifar10_n20_e30.yaml --points 10,20,29,30 --train-args "$TRAIN"
-fi
 if want jpeg; then
   for q in 50 30; do
     step n20 1 epoch, 2-epoch schedule, data re-encoded at JPEG quality $q
@@ -114,5 +108,16 @@ if want seed; then
   step n20 1 epoch, 2-epoch schedule, seed 1
   tta c10_n20_e1_sched2_seed1 --config configs/cifar10_n20_e1.yaml --epochs 2 --points 1 \
     --train-args "$TRAIN --seed 1"
+fi
+for g in 2 4; do
+  if want bn$g; then
+    step n20 1 epoch, 2-epoch schedule, BatchNorm per 1/$g of the patch groups
+    tta c10_n20_e1_sched2_bn$g --config configs/cifar10_n20_e1.yaml --epochs 2 --points 1 \
+      --train-args "$TRAIN --patch-chunk $((20 / g))"
+  fi
+done
+if want tta30; then
+  step time to 90%, n20, 30-epoch schedule
+  tta c10_n20_e30 --config configs/cifar10_n20_e30.yaml --points 10,20,29,30 --train-args "$TRAIN"
 fi
 step done
