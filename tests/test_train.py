@@ -108,8 +108,11 @@ def test_patch_chunk_gradient_matches_unchunked(cifar_subset_data, tmp_path):
     loss_c, _, _ = tr.step_fn.chunked(patches, 4)  # chunks of 4 and 2 groups
     g_chunk = _grads(tr.model)
     assert torch.allclose(loss, loss_c, rtol=1e-6, atol=1e-6)
+    # equal up to float32 summation order (which varies with the thread count: ~1e-5 relative
+    # on the stem conv, whose gradient sums 300 x 32 x 32 terms); a wrong gradient is O(1) off
     for a, b in zip(g_full, g_chunk):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+        rel = ((a - b).norm() / a.norm().clamp_min(1e-12)).item()
+        assert rel < 1e-4, rel
     # train mode: per-chunk batch statistics, running stats untouched by the no-grad pass
     tr.model.train()
     tr.model.zero_grad(set_to_none=True)
