@@ -99,26 +99,18 @@ def test_shards_reproducible_and_atomic(tmp_path, real_samples):
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
     assert [digest(p) for p in a] == [digest(p) for p in b]
 
-    def failing():
-        yield from real_samples[:15]
+    def failing_after(k):
+        yield from real_samples[:k]
         raise RuntimeError("source died")
 
-    out = tmp_path / "c"
-    with pytest.raises(RuntimeError, match="source died"):
-        write_shards(out, failing(), samples_per_shard=10)
-    # the finished shard stays, the unfinished one left no tar, idx or temp file
-    assert sorted(p.name for p in out.iterdir()) == [dali_index_name(0), dali_shard_name(0)]
-    assert list(read_shards(out)) == real_samples[:10]
-
-    def failing_after_full_shard():
-        yield from real_samples[:10]
-        raise RuntimeError("source died")
-
-    out = tmp_path / "d"
-    with pytest.raises(RuntimeError, match="source died"):
-        write_shards(out, failing_after_full_shard(), samples_per_shard=10)
-    assert sorted(p.name for p in out.iterdir()) == [dali_index_name(0), dali_shard_name(0)]
-    assert list(read_shards(out)) == real_samples[:10]
+    # mid-shard (15) and right after a full one (10): the finished shard stays, the unfinished
+    # one left no tar, idx or temp file
+    for k in (15, 10):
+        out = tmp_path / f"failed{k}"
+        with pytest.raises(RuntimeError, match="source died"):
+            write_shards(out, failing_after(k), samples_per_shard=10)
+        assert sorted(p.name for p in out.iterdir()) == [dali_index_name(0), dali_shard_name(0)]
+        assert list(read_shards(out)) == real_samples[:10]
     # exact multiples and a short last shard
     assert [p.name for p in write_shards(tmp_path / "e", real_samples[:20], samples_per_shard=10)] \
         == [dali_shard_name(0), dali_shard_name(1)]
