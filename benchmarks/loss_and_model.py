@@ -18,7 +18,7 @@ Figures are medians over repeats after warm-up; ratios are to the baseline measu
 same run. JSON in benchmarks/results/ (hardware, versions, command and load average inside).
 
 Results, 2026-11-22 (benchmarks/results/loss_and_model_{h100_eager,h100_compiled,cpu2}_20261122.json;
-the step rows there were timed on a hand-written equivalent of EmpStep, see below):
+the H100 step rows were timed on a hand-written equivalent of EmpStep, see below):
   H100 80GB HBM3, torch 2.11, fp32 loss:  n=20  naive 58.9 ms, fused 2.15 ms (27x)
                                           n=200 naive 712 ms,  fused 4.06 ms (175x)
   H100 step, 100 x 20 patches @ 32 px, width 64, patches/s (TF32 on):
@@ -28,9 +28,10 @@ the step rows there were timed on a hand-written equivalent of EmpStep, see belo
       invariance term switched from F.cosine_similarity to the einsum form, and before this
       script timed EmpStep: they timed an equivalent hand-written step with TF32 matmuls on,
       which train.py keeps off, so their fp32 rows overstate fp32 training; not re-measured)
-  2-core AMD EPYC shared with other jobs, --threads 1: loss n=20 naive 1988 ms, fused 33 ms
-  (60x); n=200 naive 49.5 s, fused 502 ms (99x). CPU step rows (20 x 4 @ 32 px): width 64
-  eager 23-43 patches/s, width 16 79-99; the shared machine makes them noisy (see the JSON).
+  2-core AMD EPYC shared with other jobs, --threads 1 (re-measured with EmpStep): loss n=20
+  naive 1854 ms, fused 29 ms (64x); n=200 naive 42.1 s, fused 314 ms (134x). CPU step rows
+  (20 x 4 @ 32 px): width 64 eager 25-52 patches/s (bf16 ~2x fp32), compiled 29-51, width 16
+  151-213; the shared machine makes them noisy (see the JSON).
 """
 from __future__ import annotations
 
