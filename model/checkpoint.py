@@ -15,11 +15,11 @@ The probe rebuilds the encoder from "encoder" + "model" through :func:`load_enco
 """
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import torch
-
-from pipeline.formats import atomic_path
 
 FORMAT = "emp-ssl-ckpt/1"
 
@@ -29,12 +29,23 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: Path | str, payload: dict) -> None:
-    """Write ``payload`` through ``atomic_path`` (temp file beside ``path``, fsync, rename).
+    """Write ``payload`` to a temp file beside ``path``, fsync, then rename over it.
 
-    An interrupted save leaves the previous checkpoint intact.
+    An interrupted save leaves the previous checkpoint intact. (model/ does not import
+    pipeline/, whose ``atomic_path`` does the same for data files.)
     """
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **payload}, tmp)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # made by open(): the mode a plain open() gives
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path | str, map_location="cpu") -> dict:

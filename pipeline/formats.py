@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,37 +145,23 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()  # read once: os.umask can only be read by setting it
-
-
-def set_default_mode(path: Path | str) -> None:
-    """Give a mkstemp file (mode 0600) the mode a plain ``open`` would have (0666 & ~umask)."""
-    os.chmod(path, 0o666 & ~_UMASK)
-
-
 @contextlib.contextmanager
 def atomic_path(path: Path | str):
     """Yield a temp path beside ``path`` for the caller (or a library) to write; on success it
-    is fsynced and renamed onto ``path``, on any error removed: readers never see half a file."""
+    is fsynced and renamed onto ``path``, on any error removed: readers never see half a file.
+    The temp file is created by ``open``, so it has the mode a plain ``open`` gives
+    (0666 & ~umask), which a library rewriting it keeps."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    open(tmp, "xb").close()
     try:
-        yield tmp
+        yield str(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
