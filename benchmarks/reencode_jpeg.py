@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from benchmarks.common import environment  # noqa: E402
+from pipeline.convert import decode_image, encode_jpeg  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import atomic_path, load_manifest, write_json_atomic  # noqa: E402
 from pipeline.sources.memory import load_memory_arrays  # noqa: E402
@@ -36,13 +36,10 @@ SUBSAMPLING = {"444": 0, "422": 1, "420": 2}  # PIL's codes
 
 
 def jpeg_roundtrip(img: np.ndarray, quality: int, subsampling: str) -> tuple[bytes, np.ndarray]:
-    """uint8 (H, W, 3) -> (JPEG bytes, the uint8 (H, W, 3) pixels they decode to)."""
-    buf = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=quality,
-                                     subsampling=SUBSAMPLING[subsampling])
-    data = buf.getvalue()
-    with Image.open(io.BytesIO(data)) as im:
-        return data, np.asarray(im.convert("RGB"), dtype=np.uint8)
+    """uint8 (H, W, 3) -> (JPEG bytes, the uint8 (H, W, 3) pixels they decode to), with the
+    converter's own encoder and decoder."""
+    data = encode_jpeg(img, quality, SUBSAMPLING[subsampling])
+    return data, decode_image(data)[0]
 
 
 def _selected(labels: np.ndarray, max_per_class: int) -> np.ndarray:

@@ -58,10 +58,7 @@ class EncoderConfig:
                              f"choose one of {list(STEMS)}")
         if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"EncoderConfig.width must be a positive int, got {self.width!r}")
-        if not isinstance(self.projector, (list, tuple)):
-            raise ValueError("EncoderConfig.projector must be a sequence of positive ints (hidden "
-                             f"widths..., output width), got {self.projector!r}")
-        proj = tuple(self.projector)
+        proj = tuple(self.projector) if isinstance(self.projector, (list, tuple)) else ()
         if not proj or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in proj):
             raise ValueError("EncoderConfig.projector must be a non-empty sequence of positive "
                              f"ints (hidden widths..., output width), got {self.projector!r}")

@@ -561,10 +561,11 @@ def decode_image(data: bytes, resize: int | None = None) -> tuple[np.ndarray, bo
         return np.asarray(rgb, dtype=np.uint8).copy(), passthrough
 
 
-def encode_jpeg(arr: np.ndarray, quality: int) -> bytes:
-    """uint8 (H, W, 3) -> baseline JPEG bytes, 4:4:4 chroma (small images keep colour edges)."""
+def encode_jpeg(arr: np.ndarray, quality: int, subsampling: int = 0) -> bytes:
+    """uint8 (H, W, 3) -> baseline JPEG bytes. subsampling: PIL's chroma code, 0 = 4:4:4 (the
+    default: small images keep colour edges), 1 = 4:2:2, 2 = 4:2:0."""
     buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=quality, subsampling=0)
+    Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=quality, subsampling=subsampling)
     return buf.getvalue()
 
 
