@@ -1,7 +1,9 @@
 """A converted dataset re-encoded through JPEG at a chosen quality, as an ImageFolder .tar.
 
-    python benchmarks/reencode_jpeg.py data/cifar10 runs/cifar10_q50.tar --quality 50
-    python tools/convert_datasets.py runs/cifar10_q50.tar --name cifar10_q50 --formats memory
+    python benchmarks/reencode_jpeg.py data/cifar10 runs/cifar10_q50.tar --quality 50 \
+        --convert-to data/cifar10_q50
+
+(without --convert-to it stops at the .tar, which tools/convert_datasets.py converts).
 
 What it is for: the only CIFAR-10 in this workplace is a JPEG re-encoding (quality 75, 4:2:0
 chroma) of the lossless original the paper trained on, and our accuracies sit below the
@@ -11,7 +13,9 @@ explain the gap. Every image of every split in the manifest (or the first --max-
 of each class) is decoded from the memory format, encoded with PIL at --quality and
 --subsampling, and stored as <split>/<class>/<index>.jpg in an uncompressed tar, written to a
 temp file and renamed. The pixel error of the re-encoding (mean absolute and PSNR against
-the input pixels) is printed per split, and kept in the JSON given by --stats.
+the input pixels) is printed per split, and kept in the JSON given by --stats. With
+--convert-to DIR the tar is then converted (memory format only: what training reads) into
+DIR, as tools/convert_datasets.py would, and removed.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import environment  # noqa: E402
-from pipeline.convert import decode_image, encode_jpeg  # noqa: E402
+from pipeline.convert import (ConvertOptions, convert, decode_image, encode_jpeg,  # noqa: E402
+                              validate_name)
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import atomic_path, load_manifest, write_json_atomic  # noqa: E402
 from pipeline.sources.memory import load_memory_arrays  # noqa: E402
@@ -90,7 +95,10 @@ def main(argv: list[str]) -> int:
                     help="chroma subsampling (default 420, as the q75 CIFAR-10 copy here)")
     ap.add_argument("--max-per-class", type=int, default=0, help="first K images per class (0: all)")
     ap.add_argument("--stats", type=Path, help="also write the per-split error statistics as JSON")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--convert-to", type=Path, metavar="DIR",
+                    help="then convert the tar into DIR (memory format; DIR's name is the dataset "
+                         "name) and remove the tar")
+    ap.add_argument("--overwrite", action="store_true", help="replace OUT (and DIR) if they exist")
     args = ap.parse_args(argv[1:])
     try:
         if not 1 <= args.quality <= 100:
@@ -99,17 +107,30 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--max-per-class {args.max_per_class}: must be >= 0")
         if args.out.suffix != ".tar":
             raise UserError(f"{args.out}: give a .tar path (an uncompressed ImageFolder archive)")
-        if args.out.exists() and not args.overwrite:
-            raise UserError(f"{args.out}: exists; pass --overwrite or choose another path")
+        for path, flag in ((args.out, "OUT"), (args.convert_to, "--convert-to")):
+            if path is not None and path.exists() and not args.overwrite:
+                raise UserError(f"{flag} {path}: exists; pass --overwrite or choose another path")
+        if args.convert_to is not None:
+            try:
+                validate_name(args.convert_to.name)
+            except UserError:
+                raise UserError(f"--convert-to {args.convert_to}: its last part names the dataset; "
+                                "give a plain directory name (no leading '.')") from None
         stats = reencode(args.src, args.out, args.quality, args.subsampling, args.max_per_class)
         if args.stats:
             write_json_atomic(args.stats, dict(src=str(args.src), quality=args.quality,
                                                subsampling=args.subsampling, splits=stats,
                                                **environment()))
+        print(f"wrote {args.out}")
+        if args.convert_to is not None:
+            dest = args.convert_to
+            convert(args.out, ConvertOptions(name=dest.name, out=dest.parent, formats=("memory",),
+                                             overwrite=args.overwrite, progress=False))
+            args.out.unlink()
+            print(f"converted into {dest} (memory format); removed {args.out}")
     except UserError as e:
         print(f"reencode_jpeg: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}")
     return 0
 
 

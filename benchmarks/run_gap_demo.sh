@@ -25,10 +25,7 @@ for v in ${VARIANTS//,/ }; do
   case $v in q75|bn2) ;; q[0-9]*) q=${v#q}
     if [ ! -f "data/cifar10_q$q/manifest.json" ]; then
       $PY benchmarks/reencode_jpeg.py data/cifar10 "runs/cifar10_q$q.tar" --quality "$q" --overwrite \
-        --stats "$OUT/reencode_q$q.json"
-      $PY tools/convert_datasets.py "runs/cifar10_q$q.tar" --name "cifar10_q$q" --out data \
-        --formats memory --no-progress
-      rm -f "runs/cifar10_q$q.tar"
+        --stats "$OUT/reencode_q$q.json" --convert-to "data/cifar10_q$q"
     fi ;;
   *) echo "run_gap_demo: unknown variant '$v' (choose from q75, qNN, bn2)" >&2; exit 2 ;;
   esac

@@ -93,12 +93,10 @@ fi
 if want jpeg; then
   for q in 50 30; do
     step n20 1 epoch, 2-epoch schedule, data re-encoded at JPEG quality $q
-    rm -rf "data/cifar10_q$q"
-    if ! { $PY benchmarks/reencode_jpeg.py data/cifar10 "runs/cifar10_q$q.tar" --quality $q \
-             --overwrite --stats "$OUT/reencode_q$q.json" \
-           && $PY tools/convert_datasets.py "runs/cifar10_q$q.tar" --name "cifar10_q$q" --out data \
-             --formats memory --no-progress > "runs/convert_q$q.log" 2>&1; }; then
-      echo "jpeg q$q: re-encoding or conversion failed (runs/convert_q$q.log); skipped"; continue
+    if ! $PY benchmarks/reencode_jpeg.py data/cifar10 "runs/cifar10_q$q.tar" --quality $q --overwrite \
+         --stats "$OUT/reencode_q$q.json" --convert-to "data/cifar10_q$q" > "runs/reencode_q$q.log" 2>&1
+    then
+      echo "jpeg q$q: re-encoding or conversion failed (runs/reencode_q$q.log); skipped"; continue
     fi
     tta "c10_n20_e1_sched2_q$q" --config configs/cifar10_n20_e1.yaml --epochs 2 --points 1 \
       --data "data/cifar10_q$q" --train-args "$TRAIN"

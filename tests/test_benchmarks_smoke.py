@@ -52,7 +52,8 @@ def test_report_reads_train_args_of_older_time_to_accuracy_files():
 
 def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_path):
     """The re-encoded tar converts back to the same images (labels, order within a class), with
-    pixel errors that grow as the quality falls; q100 4:4:4 stays within a few levels."""
+    pixel errors that grow as the quality falls; q100 4:4:4 stays within a few levels. q100 goes
+    through tools/convert_datasets.py, the others through --convert-to (which removes the tar)."""
     import numpy as np
 
     from pipeline.formats import load_manifest
@@ -62,10 +63,15 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
     errors = {}
     for q, sub in ((100, "444"), (50, "420"), (20, "420")):
         tar = tmp_path / f"q{q}.tar"
-        run_tool("benchmarks/reencode_jpeg.py", str(src), str(tar), "--quality", str(q),
-                 "--subsampling", sub, "--max-per-class", "5", "--stats", str(res / f"reencode_q{q}.json"))
-        run_tool("tools/convert_datasets.py", str(tar), "--name", f"q{q}", "--out", str(tmp_path),
-                 "--formats", "memory", "--no-progress")
+        args = ("benchmarks/reencode_jpeg.py", str(src), str(tar), "--quality", str(q), "--subsampling",
+                sub, "--max-per-class", "5", "--stats", str(res / f"reencode_q{q}.json"))
+        if q == 100:
+            run_tool(*args)
+            run_tool("tools/convert_datasets.py", str(tar), "--name", f"q{q}", "--out", str(tmp_path),
+                     "--formats", "memory", "--no-progress")
+        else:
+            run_tool(*args, "--convert-to", str(tmp_path / f"q{q}"))
+            assert not tar.exists() and load_manifest(tmp_path / f"q{q}").formats == ["memory"]
         assert load_manifest(tmp_path / f"q{q}").classes == load_manifest(src).classes
         for split in ("train", "test"):
             orig, olab = load_memory_arrays(src, split)
@@ -84,9 +90,16 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
     rows = [r for r in report.splitlines() if r.endswith(".json |") and "reencode_q" in r]
     assert "## JPEG re-encodings" in report and len(rows) == 6 and rows[0].startswith("| 100 | 444 | ")
 
-    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "q50.tar"), "--quality", "50",
+    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "q100.tar"), "--quality", "50",
                    check=False)
     assert bad.returncode == 2 and "exists; pass --overwrite" in bad.stderr
+    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
+                   "--convert-to", str(tmp_path / "q50"), check=False)
+    assert bad.returncode == 2 and f"--convert-to {tmp_path / 'q50'}: exists" in bad.stderr
+    assert not (tmp_path / "y.tar").exists()
+    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
+                   "--convert-to", str(tmp_path / ".hidden"), check=False)
+    assert bad.returncode == 2 and "--convert-to" in bad.stderr and not (tmp_path / "y.tar").exists()
     bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "x.tar"), "--quality", "0",
                    check=False)
     assert bad.returncode == 2 and "--quality 0" in bad.stderr and not (tmp_path / "x.tar").exists()
