@@ -45,8 +45,8 @@ from model.checkpoint import CheckpointError, load_checkpoint, load_encoder
 from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
 from model.linear_probe import knn_top1, train_linear_probe
 from pipeline.errors import UserError
-from pipeline.formats import (MANIFEST_NAME, Manifest, atomic_path, load_manifest, require_format,
-                              require_split, sha256_file, write_bytes_atomic,
+from pipeline.formats import (MANIFEST_NAME, Manifest, load_manifest, require_format,
+                              require_split, save_figure_atomic, sha256_file, write_bytes_atomic,
                               write_json_atomic)
 from pipeline.patches import AugmentParams, flatten_patches, make_patches
 from pipeline.sources import build_source
@@ -409,11 +409,6 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
 
 # --------------------------------------------------------------------------- plots
 
-def _savefig_atomic(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-
-
 def plot_tsne(features: torch.Tensor, labels: torch.Tensor, class_names: list[str], path: Path,
               *, title: str, seed: int, max_points: int = TSNE_MAX_POINTS) -> None:
     """2-D t-SNE of (a seeded subsample of) the features, one colour per class (Figure 5)."""
@@ -443,7 +438,7 @@ def plot_tsne(features: torch.Tensor, labels: torch.Tensor, class_names: list[st
         ax.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(title)
-    _savefig_atomic(fig, path)
+    save_figure_atomic(fig, path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -471,7 +466,7 @@ def plot_confusion(pred: torch.Tensor, labels: torch.Tensor, class_names: list[s
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    _savefig_atomic(fig, path)
+    save_figure_atomic(fig, path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 

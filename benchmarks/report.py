@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.formats import atomic_path, write_bytes_atomic  # noqa: E402
+from pipeline.formats import save_figure_atomic, write_bytes_atomic  # noqa: E402
 
 
 def where(d: dict) -> str:
@@ -168,8 +168,7 @@ def plot_bars(rows: list[tuple[str, float]], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, results_path, write_json  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
-from pipeline.formats import atomic_path  # noqa: E402
+from pipeline.formats import save_figure_atomic  # noqa: E402
 
 # Tong et al. 2023, CIFAR-10, ResNet-18, n=200 patches: linear probe top-1 after E epochs.
 PAPER_CIFAR10 = {1: 0.851, 10: 0.915, 30: 0.934}
@@ -82,8 +82,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"{result['config']} on {result['dataset_name']} ({hw.get('gpu') or hw.get('cpu_model', '?')})",
                  fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

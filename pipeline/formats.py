@@ -173,3 +173,11 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
 
 def write_json_atomic(path: Path | str, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_figure_atomic(fig, path: Path | str, **savefig_kwargs) -> None:
+    """matplotlib's ``fig.savefig`` through ``atomic_path``; the format is the suffix's (the
+    temp name ends in .tmp) unless ``format=`` is given."""
+    savefig_kwargs.setdefault("format", Path(path).suffix.lstrip(".") or "png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **savefig_kwargs)
