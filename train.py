@@ -368,8 +368,7 @@ class Trainer:
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_fn = EmpStep(torch.compile(net) if cfg.run.compile else net, self.model, self.opt,
                                lam=cfg.loss.lam, eps=cfg.loss.eps, amp=self.amp,
-                               patch_chunk=cfg.run.patch_chunk, ddp=net if self.world > 1 else None,
-                               channels_last=cfg.run.channels_last)
+                               patch_chunk=cfg.run.patch_chunk, ddp=net if self.world > 1 else None)
         self._stop_signal = None
 
     # -- checkpoints

@@ -128,7 +128,7 @@ def bench_step(device: str, width: int, images: int, patches: int, size: int, bf
     model = model.to(memory_format=fmt)
     opt = LARS(lars_param_groups(model), lr=0.3)
     step_fn = EmpStep(torch.compile(model) if compiled else model, model, opt,
-                      amp="bf16" if bf16 else "fp32", channels_last=channels_last)
+                      amp="bf16" if bf16 else "fp32")
     n, b = patches, images
     # (n, b, 3, S, S) with the strides make_patches gives in the chosen layout: no per-step copy
     x = torch.rand(n * b, 3, size, size, device=device).contiguous(memory_format=fmt).view(

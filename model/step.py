@@ -37,6 +37,19 @@ def bn_frozen_stats(model: nn.Module):
             m.momentum = mom
 
 
+def model_memory_format(model: nn.Module) -> torch.memory_format:
+    """torch.channels_last if the model's 4-D weights are stored channels-last, else
+    torch.contiguous_format. Weights whose layout is ambiguous (1x1 kernels, a single input
+    channel) are skipped; a model without an unambiguous one counts as contiguous."""
+    for p in model.parameters():
+        if p.dim() != 4:
+            continue
+        cl, plain = p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()
+        if cl != plain:
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
+
+
 class EmpStep:
     """Callable step. ``net`` is what runs forward (maybe DDP-wrapped and/or compiled), ``model``
     the plain module inside it (for BatchNorm handling), ``opt`` the optimizer.
@@ -44,15 +57,19 @@ class EmpStep:
     ``patch_chunk`` K > 0 backprops K patch groups at a time (see :meth:`chunked`).
     Under DDP (``ddp`` given) Z is all-gathered with gradients so the coding rate sees the
     global batch; DDP's gradient averaging then yields exactly d(global loss)/d(params).
-    ``channels_last``: the memory format the patches are handed to ``net`` in (match the
-    model's; make_patches' output already has channels-last strides, so that costs no copy).
+    The patches are handed to ``net`` in the memory format of the model's conv weights
+    (:func:`model_memory_format`; make_patches' output already has channels-last strides, so a
+    channels-last model costs no copy); ``channels_last`` True/False overrides that.
     """
 
     def __init__(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, *,
                  lam: float = 200.0, eps: float = 0.2, amp: str = "fp32", patch_chunk: int = 0,
-                 ddp: nn.Module | None = None, channels_last: bool = True):
+                 ddp: nn.Module | None = None, channels_last: bool | None = None):
         self.net, self.model, self.opt = net, model, opt
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last is None:
+            self.memory_format = model_memory_format(model)
+        else:
+            self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.lam, self.eps, self.amp, self.patch_chunk = lam, eps, amp, patch_chunk
         self.ddp = ddp  # the DDP wrapper when training on several ranks, else None
 

@@ -120,6 +120,29 @@ def test_channels_last_matches_contiguous():
     torch.testing.assert_close(z2, z, rtol=1e-4, atol=1e-5)
 
 
+def test_step_reads_the_input_layout_off_the_model():
+    """EmpStep hands the encoder its input in the conv weights' layout unless told otherwise;
+    1x1 kernels (either layout at once) do not decide."""
+    from model.lars import LARS, lars_param_groups
+    from model.step import EmpStep, model_memory_format
+
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        m = tiny().to(memory_format=fmt)
+        assert model_memory_format(m) == fmt
+        step = EmpStep(m, m, LARS(lars_param_groups(m), lr=0.1))
+        assert step.memory_format == fmt
+        assert EmpStep(m, m, step.opt, channels_last=False).memory_format == torch.contiguous_format
+        seen = []
+        hook = m.register_forward_pre_hook(lambda mod, a: seen.append(a[0].is_contiguous(memory_format=fmt)))
+        step(torch.randn(2, 3, 3, 32, 32), lr=0.1)     # (n=2, B=3, 3, 32, 32), contiguous
+        hook.remove()
+        assert seen == [True]
+    pointwise = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 4, 3))
+    assert model_memory_format(pointwise.to(memory_format=torch.channels_last)) == torch.channels_last
+    assert model_memory_format(torch.nn.Conv2d(8, 4, 1).to(memory_format=torch.channels_last)) \
+        == torch.contiguous_format
+
+
 def test_bf16_autocast_cpu_train_step():
     m = tiny().train()
     x = torch.randn(2 * 4, 3, 32, 32)                 # 4 images x 2 patches
