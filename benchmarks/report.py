@@ -6,7 +6,7 @@ Every figure in the tables carries where (hardware) and when (date) it was measu
 from the JSON that holds it. Recognised files: pipeline_throughput*, train_throughput*,
 loss_and_model*, conversion*, probe_*, time_to_accuracy*; others are listed as unrecognised.
 Plots (PNG beside the report): pipeline patches/s per source with the reference baseline,
-training patches/s per option and source.
+training patches/s per option and source, the fused loss's speed-up over the per-group loop.
 """
 from __future__ import annotations
 
@@ -73,14 +73,47 @@ def train_table(files) -> list[str]:
                        ["---"] * 5 + ["---:"] * 2, cells)
 
 
-def generic_rows(files) -> list[str]:
-    out = ["| what | figures | hardware | date | file |", "|---|---|---|---|---|"]
+def _loss_label(d: dict, r: dict) -> str:
+    return f"{where(d)} n={r.get('n', '?')}"
+
+
+def loss_rows(files) -> list[str]:
+    """loss_and_model.py's loss part: the fused objective against the per-group loop (the
+    reference's) and plain autograd through the batched ops, with the loss values' agreement."""
+    out = ["| n | b | d | fused ms | batched autograd ms | per-group loop ms | loop / fused | "
+           "loss diff vs fp64 loop | hardware | date | file |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for path, d in files:
-        rows = d.get("rows") or d.get("results") or []
-        for r in rows if isinstance(rows, list) else []:
-            keys = {k: v for k, v in r.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-            text = ", ".join(f"{k}={_fmt(v, 4) if isinstance(v, float) else v}" for k, v in list(keys.items())[:8])
-            out.append(f"| {path.stem.split('_')[0]} | {text} | {where(d)} | {when(d, path)} | {_name(path)} |")
+        for r in d.get("rows", []):
+            if r.get("part") != "loss":
+                continue
+            gap = (abs(r["loss_fused"] - r["loss_fp64_naive"])
+                   if isinstance(r.get("loss_fused"), (int, float)) and
+                   isinstance(r.get("loss_fp64_naive"), (int, float)) else None)
+            out.append(f"| {r.get('n', '?')} | {r.get('b', '?')} | {r.get('d', '?')} | "
+                       f"{_fmt(r.get('fused_ms', '?'), 2)} | {_fmt(r.get('batched_autograd_ms', '?'), 2)} | "
+                       f"{_fmt(r.get('naive_ms', '?'), 1)} | {_fmt(r.get('naive_over_fused', '?'), 1)}x | "
+                       f"{'?' if gap is None else f'{gap:.1e}'} | {where(d)} | {when(d, path)} | "
+                       f"{_name(path)} |")
+    return out
+
+
+def step_rows(files) -> list[str]:
+    """loss_and_model.py's train_step part: EmpStep per precision, layout and compile mode."""
+    out = ["| width | images x patches | precision | layout | mode | patches/s | vs fp32 contiguous "
+           "eager (w64) | peak GiB | hardware | date | file |",
+           "|---:|---:|---|---|---|---:|---:|---:|---|---|---|"]
+    for path, d in files:
+        for r in d.get("rows", []):
+            if r.get("part") != "train_step":
+                continue
+            mem = r.get("peak_mem_gib")
+            out.append(f"| {r.get('width', '?')} | {r.get('images', '?')} x {r.get('patches', '?')} | "
+                       f"{r.get('dtype', '?')} | {r.get('layout', '?')} | {r.get('mode', '?')} | "
+                       f"{_fmt(r.get('patches_per_s', '?'))} | "
+                       f"{_fmt(r.get('speedup_vs_fp32_contiguous_eager_w64', '?'), 2)}x | "
+                       f"{'' if mem is None else f'{mem:.1f}'} | {where(d)} | {when(d, path)} | "
+                       f"{_name(path)} |")
     return out
 
 
@@ -153,22 +186,44 @@ def tta_rows(files) -> list[str]:
     return out
 
 
-def plot_bars(rows: list[tuple[str, float]], title: str, path: Path) -> None:
+def unique_labels(rows: list[tuple[str, float, str]]) -> list[tuple[str, float]]:
+    """(label, value, file) -> (label, value), the file appended to labels that occur more than
+    once (matplotlib would draw bars with equal labels on top of each other)."""
+    count: dict[str, int] = {}
+    for label, _, _ in rows:
+        count[label] = count.get(label, 0) + 1
+    return [(f"{label} [{src}]" if count[label] > 1 else label, value) for label, value, src in rows]
+
+
+def plot_bars(rows: list[tuple[str, float, str]], title: str, path: Path,
+              xlabel: str = "patches / s (log)", left: float | None = None) -> None:
+    """Horizontal bars on a log axis, each labelled with its value; rows are (label, value,
+    file). Bars start at ``left`` (default: the power of ten below the smallest value)."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = unique_labels([r for r in rows if r[1] > 0])
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
-    ax.barh([r[0] for r in rows], [r[1] for r in rows], color="#4477aa")
+    values = [v for _, v in rows]
+    left = left if left is not None else 10 ** math.floor(math.log10(min(values)))
+    longest = max(len(label) for label, _ in rows)
+    fig, ax = plt.subplots(figsize=(6 + 0.075 * longest, 0.35 * len(rows) + 1.2))
+    ax.barh([r[0] for r in rows], [v - left for v in values], left=left, color="#4477aa")
+    for y, v in enumerate(values):
+        ax.text(v * 1.05, y, f"{v:,.3g}" if v < 100 else f"{v:,.0f}", va="center", fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("patches / s (log)")
+    ax.set_xlim(left, max(values) * 8)
+    ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -199,16 +254,24 @@ def main(argv=None) -> int:
     if groups["pipeline"]:
         lines += ["## Input pipeline (source + on-device patches)", "", *pipeline_table(groups["pipeline"]), "",
                   "![pipeline](pipeline.png)", ""]
-        plot_bars([(f"{r['source']} {r['device']} n={r['n']} ({where(d)})", r["patches_per_s"])
-                   for _, d in groups["pipeline"] for r in d.get("rows", []) if "patches_per_s" in r],
+        plot_bars([(f"{r['source']} {r['device']} n={r['n']} ({where(d)})", r["patches_per_s"], _name(f))
+                   for f, d in groups["pipeline"] for r in d.get("rows", []) if "patches_per_s" in r],
                   "pipeline patches/s per source (reference = the paper's PIL path)", out.parent / "pipeline.png")
     if groups["train"]:
         lines += ["## Training step", "", *train_table(groups["train"]), "", "![train](train.png)", ""]
-        plot_bars([(f"{r['source']} {r['option']} n={r['n']} {r['device']}", r["patches_per_s"])
-                   for _, d in groups["train"] for r in d.get("rows", []) if "patches_per_s" in r],
+        plot_bars([(f"{r['source']} {r['option']} n={r['n']} ({where(d)})", r["patches_per_s"], _name(f))
+                   for f, d in groups["train"] for r in d.get("rows", []) if "patches_per_s" in r],
                   "training patches/s per option", out.parent / "train.png")
     if groups["loss"]:
-        lines += ["## Loss and model", "", *generic_rows(groups["loss"]), ""]
+        lines += ["## Loss (benchmarks/loss_and_model.py)", "", *loss_rows(groups["loss"]), "",
+                  "![loss](loss.png)", "",
+                  "## Training step, model only (benchmarks/loss_and_model.py)", "",
+                  *step_rows(groups["loss"]), ""]
+        plot_bars([(_loss_label(d, r), r["naive_over_fused"], _name(f))
+                   for f, d in groups["loss"] for r in d.get("rows", [])
+                   if r.get("part") == "loss" and isinstance(r.get("naive_over_fused"), (int, float))],
+                  "fused EMP-SSL loss (forward + backward) vs the per-group loop", out.parent / "loss.png",
+                  xlabel="speed-up, x (log)", left=1.0)
     if groups["probe"]:
         lines += ["## Probes", "", *probe_rows(groups["probe"]), ""]
     if groups["tta"]:

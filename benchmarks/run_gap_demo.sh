@@ -12,6 +12,10 @@
 #   q30   ... at quality 30
 #   bn2   q75 with --patch-chunk 4: BatchNorm statistics per half of the 8 patch groups, as the
 #         reference's nn.DataParallel computes them on two GPUs
+#   ref   q75 trained on the reference source (--source reference: torchvision's transforms on
+#         PIL images, patch by patch, in DataLoader workers, as the paper's code does) instead
+#         of the device pipeline: does our augmentation train as well as the reference's?
+#         (~2 minutes more a run: the CPU also does the augmentation)
 # Each run's probe results.json is copied to OUTDIR/probe_<variant>_s<seed>.json and its
 # resolved training config to OUTDIR/train_config_<variant>_s<seed>.yaml. The full-scale
 # versions are run_gpu_accuracy.sh's `jpeg` and `bn2` steps.
@@ -22,18 +26,18 @@ mkdir -p "$OUT" runs
 [ -f data/cifar10/manifest.json ] || $PY tools/convert_datasets.py ../shared/datasets/cifar10-jpeg.tar.xz \
   --name cifar10 --out data --formats memory --no-progress
 for v in ${VARIANTS//,/ }; do
-  case $v in q75|bn2) ;; q[0-9]*) q=${v#q}
+  case $v in q75|bn2|ref) ;; q[0-9]*) q=${v#q}
     if [ ! -f "data/cifar10_q$q/manifest.json" ]; then
       $PY benchmarks/reencode_jpeg.py data/cifar10 "runs/cifar10_q$q.tar" --quality "$q" --overwrite \
         --stats "$OUT/reencode_q$q.json" --convert-to "data/cifar10_q$q"
     fi ;;
-  *) echo "run_gap_demo: unknown variant '$v' (choose from q75, qNN, bn2)" >&2; exit 2 ;;
+  *) echo "run_gap_demo: unknown variant '$v' (choose from q75, qNN, bn2, ref)" >&2; exit 2 ;;
   esac
 done
 for seed in $(seq 0 $((SEEDS - 1))); do
   for v in ${VARIANTS//,/ }; do
     data=data/cifar10; extra=()
-    case $v in q75) ;; bn2) extra=(--patch-chunk 4) ;; *) data=data/cifar10_$v ;; esac
+    case $v in q75) ;; bn2) extra=(--patch-chunk 4) ;; ref) extra=(--source reference) ;; *) data=data/cifar10_$v ;; esac
     run=runs/gap_demo_${v}_s$seed
     rm -rf "$run"
     echo "=== $(date -u +%H:%M:%S) $v seed $seed"

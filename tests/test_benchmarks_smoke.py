@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_tool
+from conftest import ROOT, run_tool
 
 
 def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
@@ -17,6 +17,11 @@ def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
              "--json", str(res / "train_throughput_smoke.json"))
     run_tool("benchmarks/time_to_accuracy.py", "--smoke", "--data", d, "--points", "0.5,1",
              "--out", str(tmp_path / "tta"), "--json", str(res / "time_to_accuracy_smoke.json"))
+    run_tool("benchmarks/loss_and_model.py", "--device", "cpu", "--quick", "--skip-step", "--ns", "4",
+             "--threads", "1", "--json", str(res / "loss_and_model_smoke.json"))
+    # a committed measurement with training-step rows (the smoke run above skips them)
+    committed = ROOT / "benchmarks" / "results" / "loss_and_model_cpu2_20261122.json"
+    (res / committed.name).write_bytes(committed.read_bytes())
     run_tool("benchmarks/report.py", "--results", str(res))
 
     pipe = json.loads((res / "pipeline_smoke.json").read_text())
@@ -31,9 +36,19 @@ def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
     assert all(0 <= p["linear_top1"] <= 1 and p["train_minutes"] > 0 for p in tta["points"])
     assert (res / "time_to_accuracy_smoke.png").read_bytes()[:4] == b"\x89PNG"
     report = (res / "REPORT.md").read_text()
-    for section in ("Input pipeline", "Training step", "Time to accuracy"):
+    for section in ("Input pipeline", "Training step", "Time to accuracy", "## Loss",
+                    "## Training step, model only"):
         assert section in report
-    assert (res / "pipeline.png").is_file() and (res / "train.png").is_file()
+    for png in ("pipeline", "train", "loss"):
+        assert (res / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    # loss rows: n, b, d first, the speed-up as measured, and the two loss values' agreement
+    loss = json.loads((res / "loss_and_model_smoke.json").read_text())["rows"][0]
+    row = next(r for r in report.splitlines() if r.endswith("| loss_and_model_smoke.json |"))
+    assert row.startswith("| 4 | 100 | 1024 | ") and f"| {loss['naive_over_fused']:,.1f}x |" in row
+    assert float(row.split(" | ")[7]) < 1e-3
+    steps = [r for r in report.splitlines() if r.endswith(f"| {committed.name} |") and " x 4 | " in r]
+    n_steps = sum(r["part"] == "train_step" for r in json.loads(committed.read_text())["rows"])
+    assert n_steps and len(steps) == n_steps and steps[0].startswith("| 64 | 20 x 4 | float32 | contiguous | eager | ")
     # one table row per probed point, with the schedule length and the extra train.py arguments
     assert tta["train_args"].startswith("--num-patches 4")
     rows = [r for r in report.splitlines() if r.endswith("| time_to_accuracy_smoke.json |")]
@@ -103,3 +118,13 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
     bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "x.tar"), "--quality", "0",
                    check=False)
     assert bad.returncode == 2 and "--quality 0" in bad.stderr and not (tmp_path / "x.tar").exists()
+
+
+def test_report_plot_labels_stay_apart():
+    """Bars with equal labels from different result files get the file appended (matplotlib
+    would draw them on top of each other); unique labels are left alone."""
+    from benchmarks.report import unique_labels
+
+    rows = [("memory cpu n=20", 1.0, "a.json"), ("memory cpu n=20", 2.0, "b.json"), ("dali", 3.0, "a.json")]
+    assert unique_labels(rows) == [("memory cpu n=20 [a.json]", 1.0), ("memory cpu n=20 [b.json]", 2.0),
+                                   ("dali", 3.0)]
