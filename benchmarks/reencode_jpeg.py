@@ -15,7 +15,7 @@ of each class) is decoded from the memory format, encoded with PIL at --quality 
 temp file and renamed. The pixel error of the re-encoding (mean absolute and PSNR against
 the input pixels) is printed per split, and kept in the JSON given by --stats. With
 --convert-to DIR the tar is then converted (memory format only: what training reads) into
-DIR, as tools/convert_datasets.py would, and removed.
+DIR, as tools/convert_datasets.py would, and removed (kept if the conversion fails).
 """
 from __future__ import annotations
 
@@ -85,6 +85,20 @@ def reencode(src: Path, out: Path, quality: int, subsampling: str, max_per_class
     return stats
 
 
+def _check_convert_to(src: Path, out: Path, dest: Path) -> None:
+    """--convert-to must name a new dataset directory apart from SRC and from OUT's folders."""
+    try:
+        validate_name(dest.name)
+    except UserError:
+        raise UserError(f"--convert-to {dest}: its last part names the dataset; give a plain "
+                        "directory name (no '/' or '\\', no leading '.', no surrounding spaces)") from None
+    d, o, s = dest.resolve(), out.resolve(), src.resolve()
+    if d == o or d in o.parents:
+        raise UserError(f"--convert-to {dest}: would hold or be OUT ({out}); put the tar elsewhere")
+    if d == s or d in s.parents:
+        raise UserError(f"--convert-to {dest}: would replace SRC ({src}); choose another directory")
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -108,14 +122,10 @@ def main(argv: list[str]) -> int:
         if args.out.suffix != ".tar":
             raise UserError(f"{args.out}: give a .tar path (an uncompressed ImageFolder archive)")
         for path, flag in ((args.out, "OUT"), (args.convert_to, "--convert-to")):
-            if path is not None and path.exists() and not args.overwrite:
+            if path is not None and (path.exists() or path.is_symlink()) and not args.overwrite:
                 raise UserError(f"{flag} {path}: exists; pass --overwrite or choose another path")
         if args.convert_to is not None:
-            try:
-                validate_name(args.convert_to.name)
-            except UserError:
-                raise UserError(f"--convert-to {args.convert_to}: its last part names the dataset; "
-                                "give a plain directory name (no leading '.')") from None
+            _check_convert_to(args.src, args.out, args.convert_to)
         stats = reencode(args.src, args.out, args.quality, args.subsampling, args.max_per_class)
         if args.stats:
             write_json_atomic(args.stats, dict(src=str(args.src), quality=args.quality,
@@ -124,8 +134,15 @@ def main(argv: list[str]) -> int:
         print(f"wrote {args.out}")
         if args.convert_to is not None:
             dest = args.convert_to
-            convert(args.out, ConvertOptions(name=dest.name, out=dest.parent, formats=("memory",),
-                                             overwrite=args.overwrite, progress=False))
+            label = (f"{args.src} re-encoded at JPEG quality {args.quality} {args.subsampling} "
+                     "(benchmarks/reencode_jpeg.py)")
+            try:
+                convert(args.out, ConvertOptions(name=dest.name, out=dest.parent, formats=("memory",),
+                                                 overwrite=args.overwrite, progress=False,
+                                                 source_label=label))
+            except (UserError, OSError) as e:
+                raise UserError(f"--convert-to {dest}: conversion failed ({e}); the re-encoded tar "
+                                f"is kept at {args.out}") from None
             args.out.unlink()
             print(f"converted into {dest} (memory format); removed {args.out}")
     except UserError as e:

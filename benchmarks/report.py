@@ -3,9 +3,10 @@
     python benchmarks/report.py [--results benchmarks/results] [--out benchmarks/results/REPORT.md]
 
 Every figure in the tables carries where (hardware) and when (date) it was measured, taken
-from the JSON that holds it. Recognised files: pipeline_throughput*, train_throughput*,
-loss_and_model*, conversion*, probe_*, time_to_accuracy*; others are listed as unrecognised.
-Plots (PNG beside the report): pipeline patches/s per source with the reference baseline,
+from the JSON that holds it. Recognised files (by name): pipeline*, train_throughput*,
+loss_and_model*, conversion*, probe*, time_to_accuracy*, reencode*; others are listed as
+unrecognised. A section appears only when it has rows. Plots (PNG beside the report):
+pipeline patches/s per source (the reference source, the paper's PIL path, among them),
 training patches/s per option and source, the fused loss's speed-up over the per-group loop.
 """
 from __future__ import annotations
@@ -73,6 +74,11 @@ def train_table(files) -> list[str]:
                        ["---"] * 5 + ["---:"] * 2, cells)
 
 
+def _times(x, digits: int) -> str:
+    """A speed-up cell: '12.3x', or empty where the file has no such number."""
+    return f"{x:,.{digits}f}x" if isinstance(x, (int, float)) else ""
+
+
 def _loss_label(d: dict, r: dict) -> str:
     return f"{where(d)} n={r.get('n', '?')}"
 
@@ -92,7 +98,7 @@ def loss_rows(files) -> list[str]:
                    isinstance(r.get("loss_fp64_naive"), (int, float)) else None)
             out.append(f"| {r.get('n', '?')} | {r.get('b', '?')} | {r.get('d', '?')} | "
                        f"{_fmt(r.get('fused_ms', '?'), 2)} | {_fmt(r.get('batched_autograd_ms', '?'), 2)} | "
-                       f"{_fmt(r.get('naive_ms', '?'), 1)} | {_fmt(r.get('naive_over_fused', '?'), 1)}x | "
+                       f"{_fmt(r.get('naive_ms', '?'), 1)} | {_times(r.get('naive_over_fused'), 1)} | "
                        f"{'?' if gap is None else f'{gap:.1e}'} | {where(d)} | {when(d, path)} | "
                        f"{_name(path)} |")
     return out
@@ -111,7 +117,7 @@ def step_rows(files) -> list[str]:
             out.append(f"| {r.get('width', '?')} | {r.get('images', '?')} x {r.get('patches', '?')} | "
                        f"{r.get('dtype', '?')} | {r.get('layout', '?')} | {r.get('mode', '?')} | "
                        f"{_fmt(r.get('patches_per_s', '?'))} | "
-                       f"{_fmt(r.get('speedup_vs_fp32_contiguous_eager_w64', '?'), 2)}x | "
+                       f"{_times(r.get('speedup_vs_fp32_contiguous_eager_w64'), 2)} | "
                        f"{'' if mem is None else f'{mem:.1f}'} | {where(d)} | {when(d, path)} | "
                        f"{_name(path)} |")
     return out
@@ -192,13 +198,21 @@ def unique_labels(rows: list[tuple[str, float, str]]) -> list[tuple[str, float]]
     count: dict[str, int] = {}
     for label, _, _ in rows:
         count[label] = count.get(label, 0) + 1
-    return [(f"{label} [{src}]" if count[label] > 1 else label, value) for label, value, src in rows]
+    out = [(f"{label} [{src}]" if count[label] > 1 else label, value) for label, value, src in rows]
+    seen: dict[str, int] = {}
+    for i, (label, value) in enumerate(out):  # still equal (same label, same file): number them
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            out[i] = (f"{label} #{seen[label]}", value)
+    return out
 
 
 def plot_bars(rows: list[tuple[str, float, str]], title: str, path: Path,
-              xlabel: str = "patches / s (log)", left: float | None = None) -> None:
+              xlabel: str = "patches / s (log)", left: float | None = None) -> bool:
     """Horizontal bars on a log axis, each labelled with its value; rows are (label, value,
-    file). Bars start at ``left`` (default: the power of ten below the smallest value)."""
+    file). Bars start at ``left`` (default, and whenever a value is not above it: the power of
+    ten below the smallest value). Returns whether a plot was written (False: no positive
+    values)."""
     import math
 
     import matplotlib
@@ -208,9 +222,12 @@ def plot_bars(rows: list[tuple[str, float, str]], title: str, path: Path,
 
     rows = unique_labels([r for r in rows if r[1] > 0])
     if not rows:
-        return
+        return False
     values = [v for _, v in rows]
-    left = left if left is not None else 10 ** math.floor(math.log10(min(values)))
+    floor = 10 ** math.floor(math.log10(min(values)))
+    left = floor if left is None or min(values) <= left else left
+    if min(values) <= left:  # a value that is an exact power of ten
+        left /= 10
     longest = max(len(label) for label, _ in rows)
     fig, ax = plt.subplots(figsize=(6 + 0.075 * longest, 0.35 * len(rows) + 1.2))
     ax.barh([r[0] for r in rows], [v - left for v in values], left=left, color="#4477aa")
@@ -224,6 +241,7 @@ def plot_bars(rows: list[tuple[str, float, str]], title: str, path: Path,
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -249,36 +267,36 @@ def main(argv=None) -> int:
         groups[key].append((path, d))
     lines = ["# Benchmark report", "", f"Generated by `python benchmarks/report.py` from {len(sum(groups.values(), []))} "
              "result files. Each row names the hardware and date of its own measurement.", ""]
-    if groups["conversion"]:
-        lines += ["## Dataset conversion", "", *conversion_rows(groups["conversion"]), ""]
-    if groups["pipeline"]:
-        lines += ["## Input pipeline (source + on-device patches)", "", *pipeline_table(groups["pipeline"]), "",
-                  "![pipeline](pipeline.png)", ""]
-        plot_bars([(f"{r['source']} {r['device']} n={r['n']} ({where(d)})", r["patches_per_s"], _name(f))
-                   for f, d in groups["pipeline"] for r in d.get("rows", []) if "patches_per_s" in r],
-                  "pipeline patches/s per source (reference = the paper's PIL path)", out.parent / "pipeline.png")
-    if groups["train"]:
-        lines += ["## Training step", "", *train_table(groups["train"]), "", "![train](train.png)", ""]
-        plot_bars([(f"{r['source']} {r['option']} n={r['n']} ({where(d)})", r["patches_per_s"], _name(f))
-                   for f, d in groups["train"] for r in d.get("rows", []) if "patches_per_s" in r],
-                  "training patches/s per option", out.parent / "train.png")
-    if groups["loss"]:
-        lines += ["## Loss (benchmarks/loss_and_model.py)", "", *loss_rows(groups["loss"]), "",
-                  "![loss](loss.png)", "",
-                  "## Training step, model only (benchmarks/loss_and_model.py)", "",
-                  *step_rows(groups["loss"]), ""]
-        plot_bars([(_loss_label(d, r), r["naive_over_fused"], _name(f))
-                   for f, d in groups["loss"] for r in d.get("rows", [])
-                   if r.get("part") == "loss" and isinstance(r.get("naive_over_fused"), (int, float))],
-                  "fused EMP-SSL loss (forward + backward) vs the per-group loop", out.parent / "loss.png",
-                  xlabel="speed-up, x (log)", left=1.0)
-    if groups["probe"]:
-        lines += ["## Probes", "", *probe_rows(groups["probe"]), ""]
-    if groups["tta"]:
-        lines += ["## Time to accuracy (linear probe after E epochs of one run)", "", *tta_rows(groups["tta"]), ""]
-    if groups["reencode"]:
-        lines += ["## JPEG re-encodings of the data (benchmarks/reencode_jpeg.py)", "",
-                  *reencode_rows(groups["reencode"]), ""]
+    def section(title: str, table: list[str], plot: tuple | None = None) -> None:
+        """A section when its table has rows (beyond header and rule), with its plot if drawn."""
+        if len(table) <= 2:
+            return
+        lines.extend([f"## {title}", "", *table, ""])
+        if plot is not None:
+            rows, plot_title, name, kw = plot
+            if plot_bars(rows, plot_title, out.parent / f"{name}.png", **kw):
+                lines.extend([f"![{name}]({name}.png)", ""])
+
+    section("Dataset conversion", conversion_rows(groups["conversion"]))
+    section("Input pipeline (source + on-device patches)", pipeline_table(groups["pipeline"]),
+            ([(f"{r['source']} {r['device']} n={r['n']} ({where(d)})", r["patches_per_s"], _name(f))
+              for f, d in groups["pipeline"] for r in d.get("rows", []) if "patches_per_s" in r],
+             "pipeline patches/s per source (reference = the paper's PIL path)", "pipeline", {}))
+    section("Training step", train_table(groups["train"]),
+            ([(f"{r['source']} {r['option']} n={r['n']} {r['device']} ({where(d)})", r["patches_per_s"],
+               _name(f))
+              for f, d in groups["train"] for r in d.get("rows", []) if "patches_per_s" in r],
+             "training patches/s per option", "train", {}))
+    section("Loss (benchmarks/loss_and_model.py)", loss_rows(groups["loss"]),
+            ([(_loss_label(d, r), r["naive_over_fused"], _name(f))
+              for f, d in groups["loss"] for r in d.get("rows", [])
+              if r.get("part") == "loss" and isinstance(r.get("naive_over_fused"), (int, float))],
+             "fused EMP-SSL loss (forward + backward) vs the per-group loop", "loss",
+             dict(xlabel="speed-up, x (log)", left=1.0)))
+    section("Training step, model only (benchmarks/loss_and_model.py)", step_rows(groups["loss"]))
+    section("Probes", probe_rows(groups["probe"]))
+    section("Time to accuracy (linear probe after E epochs of one run)", tta_rows(groups["tta"]))
+    section("JPEG re-encodings of the data (benchmarks/reencode_jpeg.py)", reencode_rows(groups["reencode"]))
     if groups["other"]:
         lines += ["Unrecognised result files: " + ", ".join(p.name for p, _ in groups["other"]), ""]
     write_bytes_atomic(out, "\n".join(lines).encode())

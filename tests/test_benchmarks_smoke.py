@@ -112,9 +112,23 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
                    "--convert-to", str(tmp_path / "q50"), check=False)
     assert bad.returncode == 2 and f"--convert-to {tmp_path / 'q50'}: exists" in bad.stderr
     assert not (tmp_path / "y.tar").exists()
+    for dest, says in ((tmp_path / ".hidden", "plain directory name"), (tmp_path / "y.tar", "OUT"),
+                       (tmp_path, "OUT"), (src, "SRC")):
+        bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
+                       "--convert-to", str(dest), "--overwrite", check=False)
+        assert bad.returncode == 2 and f"--convert-to {dest}: " in bad.stderr and says in bad.stderr
+        assert "Traceback" not in bad.stderr and not (tmp_path / "y.tar").exists()
+    # a conversion that fails after the re-encode (DIR's parent is a file) keeps the tar, one line
+    (tmp_path / "afile").write_text("x")
     bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
-                   "--convert-to", str(tmp_path / ".hidden"), check=False)
-    assert bad.returncode == 2 and "--convert-to" in bad.stderr and not (tmp_path / "y.tar").exists()
+                   "--max-per-class", "1", "--convert-to", str(tmp_path / "afile" / "q"), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert f"tar is kept at {tmp_path / 'y.tar'}" in bad.stderr and (tmp_path / "y.tar").is_file()
+    # --overwrite replaces an existing DIR; the manifest says where the data came from
+    run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "20",
+             "--max-per-class", "2", "--convert-to", str(tmp_path / "q50"), "--overwrite")
+    m = load_manifest(tmp_path / "q50")
+    assert m.splits["train"].count == 20 and "re-encoded at JPEG quality 20 420" in m.source
     bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "x.tar"), "--quality", "0",
                    check=False)
     assert bad.returncode == 2 and "--quality 0" in bad.stderr and not (tmp_path / "x.tar").exists()
@@ -128,3 +142,26 @@ def test_report_plot_labels_stay_apart():
     rows = [("memory cpu n=20", 1.0, "a.json"), ("memory cpu n=20", 2.0, "b.json"), ("dali", 3.0, "a.json")]
     assert unique_labels(rows) == [("memory cpu n=20 [a.json]", 1.0), ("memory cpu n=20 [b.json]", 2.0),
                                    ("dali", 3.0)]
+    assert unique_labels([("x", 1.0, "a"), ("x", 2.0, "a")]) == [("x [a]", 1.0), ("x [a] #2", 2.0)]
+
+
+def test_report_sections_only_with_rows(tmp_path):
+    """A loss file without step rows gives the loss table and plot but no empty step table; a
+    speed-up at or below the plot's base still plots; nothing positive plots nothing."""
+    import json as _json
+
+    from benchmarks.report import main as report_main, plot_bars
+
+    res = tmp_path / "res"
+    res.mkdir()
+    rows = [{"part": "loss", "n": n, "b": 100, "d": 1024, "fused_ms": 1.0, "naive_ms": s,
+             "batched_autograd_ms": 1.0, "naive_over_fused": s, "loss_fused": -1.0, "loss_fp64_naive": -1.0}
+            for n, s in ((20, 0.5), (200, 1.0))]
+    (res / "loss_and_model_x.json").write_text(_json.dumps({"rows": rows, "date": "2026-01-01"}))
+    report_main(["--results", str(res)])
+    report = (res / "REPORT.md").read_text()
+    assert "## Loss" in report and "model only" not in report and "## Input pipeline" not in report
+    assert "| 0.5x |" in report and "![loss](loss.png)" in report
+    assert (res / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_bars([("a", 0.0, "f")], "t", tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()
