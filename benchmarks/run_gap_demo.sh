@@ -4,7 +4,9 @@
 # probed as `make demo` probes (8 patches, 30 linear epochs, 4,000 train / 4,000 test images).
 # About 5 minutes a run on our 2-core machine (12 runs with the defaults).
 #
-#   bash benchmarks/run_gap_demo.sh [OUTDIR] [SEEDS] [VARIANTS]
+#   bash benchmarks/run_gap_demo.sh [OUTDIR] [SEEDS] [VARIANTS] [FIRST_SEED]
+#
+# SEEDS seeds per variant, numbered from FIRST_SEED (default 0): more seeds later, same files.
 #
 # VARIANTS (comma list, default q75,q50,q30,bn2):
 #   q75   the CIFAR-10 here as it is (JPEG q75): the baseline
@@ -20,7 +22,7 @@
 # resolved training config to OUTDIR/train_config_<variant>_s<seed>.yaml. The full-scale
 # versions are run_gpu_accuracy.sh's `jpeg` and `bn2` steps.
 set -eu
-OUT=${1:-benchmarks/results/gap_demo}; SEEDS=${2:-3}; VARIANTS=${3:-q75,q50,q30,bn2}
+OUT=${1:-benchmarks/results/gap_demo}; SEEDS=${2:-3}; VARIANTS=${3:-q75,q50,q30,bn2}; FIRST=${4:-0}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT" runs
 [ -f data/cifar10/manifest.json ] || $PY tools/convert_datasets.py ../shared/datasets/cifar10-jpeg.tar.xz \
@@ -34,7 +36,7 @@ for v in ${VARIANTS//,/ }; do
   *) echo "run_gap_demo: unknown variant '$v' (choose from q75, qNN, bn2, ref)" >&2; exit 2 ;;
   esac
 done
-for seed in $(seq 0 $((SEEDS - 1))); do
+for seed in $(seq "$FIRST" $((FIRST + SEEDS - 1))); do
   for v in ${VARIANTS//,/ }; do
     data=data/cifar10; extra=()
     case $v in q75) ;; bn2) extra=(--patch-chunk 4) ;; ref) extra=(--source reference) ;; *) data=data/cifar10_$v ;; esac

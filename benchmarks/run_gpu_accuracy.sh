@@ -10,7 +10,7 @@
 # patch draws have changed since, so JITTER=fixed re-runs them closely, not bit for bit).
 # Every run starts afresh: its runs/acc_<name> folder is removed first.
 # Steps run in this order, whatever order STEPS lists them in: tests, n20_e1, tta10, n200_e1,
-# fp32, probes, jpeg, seed, bn2, bn4, tta30.
+# fp32, probes, jpeg, seed, ref, bn2, bn4, tta30.
 #  tests    the CUDA-only tests (pytest -m cuda)
 #  n20_e1   CIFAR-10 n=20, 1 epoch: under the 1-epoch cosine, and as the first epoch of a
 #           2-epoch cosine (the reference README's "1 epoch" command: main.py --epoch 2, 0.pt)
@@ -29,6 +29,11 @@
 #           gap to the paper the q75 copy here can explain (~2 min per quality)
 #  seed     n20_e1's 2-epoch variant with --seed 1: the run-to-run spread those differences
 #           must exceed
+#  ref      n20_e1's 2-epoch variant fed by the reference source (--source reference: the paper's
+#           torchvision-on-PIL augmentation, patch by patch, in DataLoader workers): does our
+#           device augmentation train as well at full scale? (~4 min: the CPU path feeds ~16k
+#           patches/s on 16 cores, so it is the bottleneck). Jitter order random whatever JITTER
+#           says: compare it with n20_e1 run with the default JITTER=random
 # Every probe is the paper's: 128 augmented patches per image, 100 linear epochs.
 set -u
 ARCHIVE=${1:-../shared/datasets/cifar10-jpeg.tar.xz}; OUT=${2:-benchmarks/results/gpu}
@@ -106,6 +111,11 @@ if want seed; then
   step n20 1 epoch, 2-epoch schedule, seed 1
   tta c10_n20_e1_sched2_seed1 --config configs/cifar10_n20_e1.yaml --epochs 2 --points 1 \
     --train-args "$TRAIN --seed 1"
+fi
+if want ref; then
+  step n20 1 epoch, 2-epoch schedule, reference source
+  tta c10_n20_e1_sched2_refsource --config configs/cifar10_n20_e1.yaml --epochs 2 --points 1 \
+    --train-args "--augment.jitter_order random --source reference"  # torchvision's order
 fi
 for g in 2 4; do
   if want bn$g; then

@@ -176,6 +176,9 @@ def test_bad_inputs(cifar_subset_data, tmp_path):
     assert "--optim.lr" in _bad(small_args(cifar_subset_data, tmp_path / "o3", "--optim.lr", "abc"))
     assert "--source" in _bad(small_args(cifar_subset_data, tmp_path / "o4", "--source", "tape"))
     assert "--resume" in _bad(small_args(cifar_subset_data, tmp_path / "o5", "--resume"))
+    msg = _bad(small_args(cifar_subset_data, tmp_path / "o10", "--source", "reference",
+                          "--augment.jitter_order", "fixed"))
+    assert msg.startswith("train: error: --source reference") and "jitter_order fixed" in msg
     # a 64px dataset under the 32px cifar preset
     big = tmp_path / "tiny64"
     big.mkdir()
@@ -199,6 +202,17 @@ def test_bad_inputs(cifar_subset_data, tmp_path):
     msg = _bad(small_args(cifar_subset_data, out, "--epochs", "0.4", "--resume"))
     assert "optim.epochs" in msg and "model" not in msg  # only the real difference is named
     assert train.main(small_args(cifar_subset_data, out, "--epochs", "0.2", "--resume")) == 0
+
+
+def test_trains_on_the_reference_source(cifar_subset_data, tmp_path):
+    """train.py fed by the paper's CPU path (torchvision on PIL, patch by patch): the run
+    records the source and a finite loss for every step."""
+    out = tmp_path / "ref"
+    assert train.main(small_args(cifar_subset_data, out, "--source", "reference", "--epochs", "0.2",
+                                 "--data.num_workers", "1")) == 0
+    rows = [r for r in metrics(out) if "summary" not in r]
+    assert len(rows) == 2 and all(abs(r["loss"]) < 1e4 for r in rows)
+    assert (out / "config.yaml").read_text().count("source_resolved: reference") == 1
 
 
 def test_missing_optional_library_is_one_line(cifar_subset_data, tmp_path, monkeypatch, capsys):
