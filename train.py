@@ -341,10 +341,6 @@ class Trainer:
                              num_workers=d.num_workers)
         extra = {}
         if self.source_name == "reference":
-            if cfg.augment.jitter_order != "random":
-                raise UserError("--source reference: torchvision's ColorJitter draws the op order "
-                                f"per patch; --augment.jitter_order {cfg.augment.jitter_order} is for "
-                                "the device sources (memory, dali, ffcv)")
             extra = dict(num_patches=d.num_patches, patch_size=d.patch_size, out_size=d.out_size,
                          mean=self.manifest.mean, std=self.manifest.std, augment=cfg.augment)
         self.source = build_source(self.source_name, d.path, "train", opts, **extra)

@@ -44,14 +44,15 @@ def _fmt(x, digits=0) -> str:
     return f"{x:,.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
-def _rows_table(files, columns: list[str], align: str, cells) -> list[str]:
-    """A table of every row with a ``patches_per_s`` figure: ``cells(row)`` gives the first
-    columns; hardware, date and file of the result it came from are appended."""
+def _rows_table(files, columns: list[str], align: str, cells, keep=lambda r: "patches_per_s" in r) -> list[str]:
+    """A table of every row ``keep(row)`` accepts (default: rows with a ``patches_per_s``
+    figure): ``cells(row)`` gives the first columns; hardware, date and file of the result it
+    came from are appended."""
     out = ["| " + " | ".join(columns + ["hardware", "date", "file"]) + " |",
            "|" + "|".join(align) + "|---|---|---|"]
     for path, d in files:
         for r in d.get("rows", []):
-            if "patches_per_s" in r:
+            if keep(r):
                 out.append("| " + " | ".join([*cells(r), where(d), when(d, path), _name(path)]) + " |")
     return out
 
@@ -79,48 +80,34 @@ def _times(x, digits: int) -> str:
     return f"{x:,.{digits}f}x" if isinstance(x, (int, float)) else ""
 
 
-def _loss_label(d: dict, r: dict) -> str:
-    return f"{where(d)} n={r.get('n', '?')}"
-
-
 def loss_rows(files) -> list[str]:
     """loss_and_model.py's loss part: the fused objective against the per-group loop (the
     reference's) and plain autograd through the batched ops, with the loss values' agreement."""
-    out = ["| n | b | d | fused ms | batched autograd ms | per-group loop ms | loop / fused | "
-           "loss diff vs fp64 loop | hardware | date | file |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
-    for path, d in files:
-        for r in d.get("rows", []):
-            if r.get("part") != "loss":
-                continue
-            gap = (abs(r["loss_fused"] - r["loss_fp64_naive"])
-                   if isinstance(r.get("loss_fused"), (int, float)) and
-                   isinstance(r.get("loss_fp64_naive"), (int, float)) else None)
-            out.append(f"| {r.get('n', '?')} | {r.get('b', '?')} | {r.get('d', '?')} | "
-                       f"{_fmt(r.get('fused_ms', '?'), 2)} | {_fmt(r.get('batched_autograd_ms', '?'), 2)} | "
-                       f"{_fmt(r.get('naive_ms', '?'), 1)} | {_times(r.get('naive_over_fused'), 1)} | "
-                       f"{'?' if gap is None else f'{gap:.1e}'} | {where(d)} | {when(d, path)} | "
-                       f"{_name(path)} |")
-    return out
+    def cells(r):
+        a, b = r.get("loss_fused"), r.get("loss_fp64_naive")
+        gap = abs(a - b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+        return [str(r.get("n", "?")), str(r.get("b", "?")), str(r.get("d", "?")),
+                _fmt(r.get("fused_ms", "?"), 2), _fmt(r.get("batched_autograd_ms", "?"), 2),
+                _fmt(r.get("naive_ms", "?"), 1), _times(r.get("naive_over_fused"), 1),
+                "?" if gap is None else f"{gap:.1e}"]
+    return _rows_table(files, ["n", "b", "d", "fused ms", "batched autograd ms", "per-group loop ms",
+                               "loop / fused", "loss diff vs fp64 loop"], ["---:"] * 8, cells,
+                       keep=lambda r: r.get("part") == "loss")
 
 
 def step_rows(files) -> list[str]:
     """loss_and_model.py's train_step part: EmpStep per precision, layout and compile mode."""
-    out = ["| width | images x patches | precision | layout | mode | patches/s | vs fp32 contiguous "
-           "eager (w64) | peak GiB | hardware | date | file |",
-           "|---:|---:|---|---|---|---:|---:|---:|---|---|---|"]
-    for path, d in files:
-        for r in d.get("rows", []):
-            if r.get("part") != "train_step":
-                continue
-            mem = r.get("peak_mem_gib")
-            out.append(f"| {r.get('width', '?')} | {r.get('images', '?')} x {r.get('patches', '?')} | "
-                       f"{r.get('dtype', '?')} | {r.get('layout', '?')} | {r.get('mode', '?')} | "
-                       f"{_fmt(r.get('patches_per_s', '?'))} | "
-                       f"{_times(r.get('speedup_vs_fp32_contiguous_eager_w64'), 2)} | "
-                       f"{'' if mem is None else f'{mem:.1f}'} | {where(d)} | {when(d, path)} | "
-                       f"{_name(path)} |")
-    return out
+    def cells(r):
+        mem = r.get("peak_mem_gib")
+        return [str(r.get("width", "?")), f"{r.get('images', '?')} x {r.get('patches', '?')}",
+                r.get("dtype", "?"), r.get("layout", "?"), r.get("mode", "?"),
+                _fmt(r.get("patches_per_s", "?")),
+                _times(r.get("speedup_vs_fp32_contiguous_eager_w64"), 2),
+                "" if mem is None else f"{mem:.1f}"]
+    return _rows_table(files, ["width", "images x patches", "precision", "layout", "mode", "patches/s",
+                               "vs fp32 contiguous eager (w64)", "peak GiB"],
+                       ["---:"] * 2 + ["---"] * 3 + ["---:"] * 3, cells,
+                       keep=lambda r: r.get("part") == "train_step")
 
 
 def conversion_rows(files) -> list[str]:
@@ -224,10 +211,9 @@ def plot_bars(rows: list[tuple[str, float, str]], title: str, path: Path,
     if not rows:
         return False
     values = [v for _, v in rows]
-    floor = 10 ** math.floor(math.log10(min(values)))
-    left = floor if left is None or min(values) <= left else left
-    if min(values) <= left:  # a value that is an exact power of ten
-        left /= 10
+    base = 10 ** math.floor(math.log10(min(values)))  # below the smallest value, or equal:
+    base = base / 10 if base >= min(values) else base  # then a decade lower, so every bar shows
+    left = base if left is None else min(left, base)
     longest = max(len(label) for label, _ in rows)
     fig, ax = plt.subplots(figsize=(6 + 0.075 * longest, 0.35 * len(rows) + 1.2))
     ax.barh([r[0] for r in rows], [v - left for v in values], left=left, color="#4477aa")
@@ -288,7 +274,7 @@ def main(argv=None) -> int:
               for f, d in groups["train"] for r in d.get("rows", []) if "patches_per_s" in r],
              "training patches/s per option", "train", {}))
     section("Loss (benchmarks/loss_and_model.py)", loss_rows(groups["loss"]),
-            ([(_loss_label(d, r), r["naive_over_fused"], _name(f))
+            ([(f"{where(d)} n={r.get('n', '?')}", r["naive_over_fused"], _name(f))
               for f, d in groups["loss"] for r in d.get("rows", [])
               if r.get("part") == "loss" and isinstance(r.get("naive_over_fused"), (int, float))],
              "fused EMP-SSL loss (forward + backward) vs the per-group loop", "loss",

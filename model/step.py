@@ -59,17 +59,14 @@ class EmpStep:
     global batch; DDP's gradient averaging then yields exactly d(global loss)/d(params).
     The patches are handed to ``net`` in the memory format of the model's conv weights
     (:func:`model_memory_format`; make_patches' output already has channels-last strides, so a
-    channels-last model costs no copy); ``channels_last`` True/False overrides that.
+    channels-last model costs no copy).
     """
 
     def __init__(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, *,
                  lam: float = 200.0, eps: float = 0.2, amp: str = "fp32", patch_chunk: int = 0,
-                 ddp: nn.Module | None = None, channels_last: bool | None = None):
+                 ddp: nn.Module | None = None):
         self.net, self.model, self.opt = net, model, opt
-        if channels_last is None:
-            self.memory_format = model_memory_format(model)
-        else:
-            self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = model_memory_format(model)
         self.lam, self.eps, self.amp, self.patch_chunk = lam, eps, amp, patch_chunk
         self.ddp = ddp  # the DDP wrapper when training on several ranks, else None
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UserError
 from ..formats import default_workers, memory_images_path
 from ..patches import AugmentParams
 from .base import Source, SourceOptions, epoch_order
@@ -86,6 +87,10 @@ class ReferenceSource(Source):
                  out_size: int, mean: Sequence[float], std: Sequence[float],
                  augment: AugmentParams | None = AugmentParams()):
         super().__init__(root, split, opts)
+        if augment is not None and augment.jitter_order != "random":
+            raise UserError("--source reference: torchvision's ColorJitter draws the op order per "
+                            f"patch; --augment.jitter_order {augment.jitter_order} is for the device "
+                            "sources (memory, dali, ffcv)")
         images, labels = load_memory_arrays(root, split)
         if patch_size > min(images.shape[1:3]):
             raise ValueError(f"patch_size {patch_size} is larger than the images {images.shape[1:3]}")
