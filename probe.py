@@ -25,7 +25,10 @@ the checkpoint file's sha256, the dataset manifest's sha256, split, feature kind
 eval mode, seed and subset, so re-probing skips extraction and a new checkpoint misses the
 cache. Output in ``--out`` (default ``<checkpoint dir>/probe``, ``probe-random-init`` for the
 baseline): results.json, tsne.png, confusion.png (+ transfer_*.png). Accuracies in results.json
-are fractions in [0, 1]; the printed summary shows percent.
+are fractions in [0, 1]; the printed summary shows percent. results.json also holds every test
+picture's linear and kNN prediction with its identity (class, position within the class), so
+``benchmarks/compare_probes.py`` can compare two probes paired on the same pictures, also across
+two copies of one dataset (``--test-like`` restricts the test split to the other copy's pictures).
 """
 from __future__ import annotations
 
@@ -38,21 +41,25 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, load_checkpoint, load_encoder
 from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
-from model.linear_probe import knn_top1, train_linear_probe
+from model.linear_probe import knn_predict, train_linear_probe
 from pipeline.errors import UserError
 from pipeline.formats import (MANIFEST_NAME, Manifest, load_manifest, require_format,
                               require_split, save_figure_atomic, sha256_file, write_bytes_atomic,
                               write_json_atomic)
 from pipeline.patches import AugmentParams, flatten_patches, make_patches
-from pipeline.sources import build_source
-from pipeline.sources.base import SourceOptions
+from pipeline.sources.base import epoch_order
+from pipeline.sources.memory import load_memory_arrays
 
 CACHE_VERSION = "emp-ssl-probe-features/1"
+IDENTITY_NOTE = ("a test picture is (class, class_position): the k-th image of its class in the "
+                 "converted split's order (file-name order within a class for an ImageFolder, "
+                 "pickle order for CIFAR pickles); row is its index in the split")
 EVAL_MODES = ("augmented", "crops")
 TSNE_MAX_POINTS = 2000
 
@@ -81,7 +88,9 @@ class ProbeConfig:
     knn_temperature: float = 0.07
     random_init: bool = False
     device: str = "cpu"
-    max_images: int | None = None
+    max_train_images: int | None = None  # seeded random subset of the train split
+    max_test_images: int | None = None  # ... of the test split
+    test_like: Path | None = None  # test only on the pictures this dataset's test split holds
     plots: bool = True
     seed: int = 0
     progress: bool = True
@@ -107,7 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="feature cache (default <checkpoint dir>/features)")
     io.add_argument("--no-plots", action="store_true", help="skip tsne.png and confusion.png")
     io.add_argument("--max-images", type=int, default=None,
-                    help="use a seeded random subset of at most N images per split (demos)")
+                    help="use a seeded random subset of at most N images per split (demos); "
+                         "sets both of the next two")
+    io.add_argument("--max-train-images", type=int, default=None,
+                    help="a seeded random subset of at most N train images")
+    io.add_argument("--max-test-images", type=int, default=None,
+                    help="a seeded random subset of at most N test images")
+    io.add_argument("--test-like", type=Path, default=None, metavar="DATA",
+                    help="test only on the pictures that DATA's test split holds: the first k "
+                         "images of each class, k = DATA's count of that class. For copies of one "
+                         "dataset kept in the same order (the shared lossless and JPEG CIFAR-10): "
+                         "probe the JPEG copy on the twins of the 1,000 lossless test pictures")
 
     fx = p.add_argument_group("bag-of-features embedding")
     fx.add_argument("--test-patches", type=int, default=128,
@@ -151,8 +170,11 @@ def resolve_config(argv: list[str] | None = None) -> ProbeConfig:
     for name in ("test_patches", "epochs", "batch_size", "knn_k"):
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.max_images is not None and a.max_images < 1:
-        raise UserError(f"--max-images must be >= 1, got {a.max_images}")
+    for flag in ("max_images", "max_train_images", "max_test_images"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    max_train = a.max_train_images if a.max_train_images is not None else a.max_images
+    max_test = a.max_test_images if a.max_test_images is not None else a.max_images
     if a.extract_batch < 0:
         raise UserError(f"--extract-batch must be >= 0, got {a.extract_batch}")
     if a.knn_temperature <= 0 or a.lr <= 0:
@@ -173,7 +195,8 @@ def resolve_config(argv: list[str] | None = None) -> ProbeConfig:
         amp=a.amp if a.amp != "auto" else ("bf16" if device == "cuda" else "fp32"), epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         knn_k=a.knn_k, knn_temperature=a.knn_temperature, random_init=a.random_init,
-        device=device, max_images=a.max_images, plots=not a.no_plots, seed=a.seed,
+        device=device, max_train_images=max_train, max_test_images=max_test,
+        test_like=a.test_like, plots=not a.no_plots, seed=a.seed,
         progress=not a.quiet)
 
 
@@ -232,6 +255,7 @@ def load_model(path: Path, *, random_init: bool, seed: int, device: torch.device
     meta = {"path": str(path), "sha256": sha, "encoder": ckpt["encoder"],
             "patch": {"patch_size": patch_size, "out_size": out_size},
             "trained_on": ckpt["data"].get("name"),
+            "train_seed": ((ckpt.get("config") or {}).get("run") or {}).get("seed"),
             "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
             "git_commit": ckpt.get("git_commit"),
             "augment": {**asdict(augment), "from": augment_from}}
@@ -247,13 +271,30 @@ class Dataset:
     manifest_sha256: str
     train_split: str
     test_split: str
+    test_per_class: list[int] | None = None  # --test-like: test on the first k of each class
+    test_like: str | None = None  # the dataset those counts come from
 
     def describe(self) -> dict:
         m = self.manifest
         return {"name": m.name, "root": str(self.root), "manifest_sha256": self.manifest_sha256,
-                "num_classes": m.num_classes, "train_split": self.train_split,
-                "test_split": self.test_split,
+                "source": m.source, "num_classes": m.num_classes, "train_split": self.train_split,
+                "test_split": self.test_split, "test_like": self.test_like,
                 "normalization": {"mean": m.mean, "std": m.std, "from": "dataset manifest"}}
+
+
+def test_like_counts(root: Path, ds: Dataset) -> list[int]:
+    """--test-like: per class, how many test pictures ``root`` holds, after checking that it
+    has ``ds``'s classes in the same order."""
+    other = load_manifest(root)
+    if other.classes != ds.manifest.classes:
+        raise UserError(f"--test-like {root}: its classes ({', '.join(other.classes[:5])}...) are "
+                        f"not those of --data {ds.root}; give a copy of the same dataset")
+    split = ds.test_split if ds.test_split in other.splits else None
+    counts = other.splits[split].class_counts if split else []
+    if len(counts) != other.num_classes:
+        raise UserError(f"--test-like {root}: its manifest has no per-class counts for a "
+                        f"'{ds.test_split}' split; re-convert it with this version")
+    return [int(c) for c in counts]
 
 
 def open_dataset(root: Path, *, test_split: str, patch_size: int, flag: str,
@@ -364,11 +405,60 @@ def load_cached(path: Path, key_fields: dict):
         return None
 
 
+def class_positions(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each row's position within its class: k for the k-th image of that class in the split's
+    order (int64 (N,)). With ``labels`` [2, 0, 2, 1, 0] this is [0, 0, 1, 0, 1]."""
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")  # rows grouped by class, split order kept
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]])
+    pos = np.empty(len(labels), dtype=np.int64)
+    pos[order] = np.arange(len(labels)) - starts[labels[order]]
+    return pos
+
+
+def split_rows(labels: np.ndarray, *, num_classes: int, batch_size: int, seed: int,
+               max_images: int | None, per_class: list[int] | None) -> np.ndarray:
+    """The dataset rows one split is embedded from, in extraction order (int64).
+
+    All rows in split order; with ``max_images`` the first ``max_images`` of a seeded
+    permutation (a class-sorted split stays balanced); with ``per_class`` only the rows whose
+    position within their class (:func:`class_positions`) is below ``per_class[class]``. The
+    order is the memory source's (``epoch_order``), so the batches, and with them the patches
+    drawn, are the ones probe.py has always used."""
+    order = epoch_order(len(labels), batch_size, 0, 0, seed, max_images is not None, 0, 1,
+                        False).astype(np.int64)
+    if per_class is not None:
+        keep = class_positions(labels, num_classes) < np.asarray(per_class)[labels]
+        order = order[keep[order]]
+    return order[:max_images] if max_images is not None else order
+
+
+def _row_batches(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int,
+                 device: torch.device):
+    """(uint8 (B, H, W, 3), int64 (B,)) on ``device`` for consecutive ``batch_size`` rows."""
+    for i in range(0, len(rows), batch_size):
+        idx = rows[i:i + batch_size]
+        yield (torch.from_numpy(np.ascontiguousarray(images[idx])).to(device),
+               torch.from_numpy(labels[idx]).to(device))
+
+
+@dataclass
+class SplitFeatures:
+    features: torch.Tensor  # float32 (N, d), CPU
+    labels: torch.Tensor  # int64 (N,)
+    rows: np.ndarray  # int64 (N,): the dataset row of each feature
+    positions: np.ndarray  # int64 (N,): each row's position within its class
+    cached: bool
+
+
 def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                   device: torch.device) -> SplitFeatures:
     """Features of one split: from the cache when its key matches, else extracted and cached."""
     m = ds.manifest
     augment = loaded.augment if cfg.eval_mode == "augmented" else None
+    cap = cfg.max_train_images if split == ds.train_split else cfg.max_test_images
+    per_class = ds.test_per_class if split == ds.test_split else None
+    split_index = ("train", "val", "test").index(split)
     key_fields = {
         "version": CACHE_VERSION, "checkpoint_sha256": loaded.sha256,
         "random_init": cfg.random_init, "dataset": m.name,
@@ -377,34 +467,32 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
         "augment": {k: list(v) if isinstance(v, tuple) else v
                     for k, v in asdict(augment).items()} if augment is not None else None,
         "patch_size": loaded.patch_size, "out_size": loaded.out_size,
-        "mean": list(m.mean), "std": list(m.std), "seed": cfg.seed, "max_images": cfg.max_images,
-        "amp": cfg.amp,
+        "mean": list(m.mean), "std": list(m.std), "seed": cfg.seed, "max_images": cap,
+        "per_class": per_class, "amp": cfg.amp,
     }
+    images, labels_np = load_memory_arrays(ds.root, split)
+    B = images_per_call(cfg.extract_batch, cfg.test_patches, loaded.out_size, device, cfg.amp)
+    rows = split_rows(labels_np, num_classes=m.num_classes, batch_size=B, seed=cfg.seed + split_index,
+                      max_images=cap, per_class=per_class)
+    positions = class_positions(labels_np, m.num_classes)[rows]
     path = feature_cache_path(cfg.cache_dir, key_fields)
     hit = load_cached(path, key_fields)
-    if hit is not None:
-        return hit[0], hit[1], True
+    if hit is not None and len(hit[1]) == len(rows):
+        return SplitFeatures(hit[0], hit[1], rows, positions, True)
+    if len(rows) == 0:
+        raise UserError(f"{ds.root}: no {split} images selected (--test-like keeps none)")
 
-    split_index = ("train", "val", "test").index(split)
-    B = images_per_call(cfg.extract_batch, cfg.test_patches, loaded.out_size, device, cfg.amp)
-    # A subset is the first max_images of a seeded shuffle (a class-sorted split stays balanced).
-    opts = SourceOptions(batch_size=B, device=device, shuffle=cfg.max_images is not None,
-                         drop_last=False, seed=cfg.seed + split_index)
-    source = build_source("memory", ds.root, split, opts)
-    source.set_epoch(0)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + split_index)
-    try:
-        feats, labels = extract_features(
-            loaded.encoder, source, num_patches=cfg.test_patches, patch_size=loaded.patch_size,
-            out_size=loaded.out_size, mean=m.mean, std=m.std, augment=augment,
-            kind=cfg.feature, generator=gen, device=device, max_images=cfg.max_images,
-            progress=cfg.progress, desc=f"{m.name}/{split} x{cfg.test_patches} patches", amp=cfg.amp,
-            total=-(-min(source.num_images, cfg.max_images or source.num_images) // B))
-    finally:
-        source.close()
+    feats, labels = extract_features(
+        loaded.encoder, _row_batches(images, labels_np, rows, B, device),
+        num_patches=cfg.test_patches, patch_size=loaded.patch_size,
+        out_size=loaded.out_size, mean=m.mean, std=m.std, augment=augment,
+        kind=cfg.feature, generator=gen, device=device, progress=cfg.progress,
+        desc=f"{m.name}/{split} x{cfg.test_patches} patches", amp=cfg.amp,
+        total=-(-len(rows) // B))
     _save_atomic({"key": key_fields, "features": feats, "labels": labels,
                   "device": str(device)}, path)
-    return feats, labels, False
+    return SplitFeatures(feats, labels, rows, positions, False)
 
 
 # --------------------------------------------------------------------------- plots
@@ -477,8 +565,9 @@ def evaluate(loaded: Loaded, ds: Dataset, cfg: ProbeConfig, device: torch.device
     """Features of both splits, linear probe, kNN and plots on one dataset -> its results."""
     name = ds.manifest.name
     t0 = time.perf_counter()
-    train_x, train_y, train_hit = split_features(loaded, ds, ds.train_split, cfg, device)
-    test_x, test_y, test_hit = split_features(loaded, ds, ds.test_split, cfg, device)
+    tr = split_features(loaded, ds, ds.train_split, cfg, device)
+    te = split_features(loaded, ds, ds.test_split, cfg, device)
+    train_x, train_y, test_x, test_y = tr.features, tr.labels, te.features, te.labels
     t1 = time.perf_counter()
     C = ds.manifest.num_classes
     lin = train_linear_probe(train_x, train_y, test_x, test_y, num_classes=C, epochs=cfg.epochs,
@@ -486,8 +575,9 @@ def evaluate(loaded: Loaded, ds: Dataset, cfg: ProbeConfig, device: torch.device
                              batch_size=cfg.batch_size, seed=cfg.seed, device=device,
                              progress=cfg.progress, desc=f"{name} linear probe")
     t2 = time.perf_counter()
-    knn_acc = knn_top1(train_x.to(device), train_y, test_x, test_y, num_classes=C, k=cfg.knn_k,
-                       temperature=cfg.knn_temperature)
+    knn_pred = knn_predict(train_x.to(device), train_y, test_x, num_classes=C, k=cfg.knn_k,
+                           temperature=cfg.knn_temperature).cpu()
+    knn_acc = (knn_pred == test_y).sum().item() / len(test_y)
     t3 = time.perf_counter()
     plots = {}
     if cfg.plots:
@@ -512,11 +602,18 @@ def evaluate(loaded: Loaded, ds: Dataset, cfg: ProbeConfig, device: torch.device
         "dataset": ds.describe(),
         "num_train": len(train_y), "num_test": len(test_y),
         "feature_dim": train_x.shape[1],
-        "features_cached": {"train": train_hit, "test": test_hit},
+        "features_cached": {"train": tr.cached, "test": te.cached},
         "timings_s": {"extraction": t1 - t0, "linear_probe": t2 - t1, "knn": t3 - t2,
                       "plots": t4 - t3},
         "plots": plots,
         "linear_history": lin["history"],
+        "test_predictions": {
+            "identity": IDENTITY_NOTE, "dataset": name, "manifest_sha256": ds.manifest_sha256,
+            "split": ds.test_split, "classes": list(ds.manifest.classes),
+            "skipped_files": len(ds.manifest.skipped),
+            "row": te.rows.tolist(), "label": test_y.tolist(),
+            "class_position": te.positions.tolist(),
+            "linear": lin["test_pred"].tolist(), "knn": knn_pred.tolist()},
     }
 
 
@@ -526,6 +623,9 @@ def run(cfg: ProbeConfig) -> dict:
     loaded = load_model(cfg.checkpoint, random_init=cfg.random_init, seed=cfg.seed, device=device)
     ds = open_dataset(cfg.data, test_split=cfg.test_split, patch_size=loaded.patch_size,
                       flag="--data", trained_classes=loaded.data.get("classes"))
+    if cfg.test_like is not None:
+        ds.test_per_class = test_like_counts(cfg.test_like, ds)
+        ds.test_like = str(cfg.test_like)
     transfer_ds = None
     if cfg.transfer_to is not None:  # check both datasets before any long work
         transfer_ds = open_dataset(cfg.transfer_to, test_split=cfg.test_split,
@@ -535,7 +635,8 @@ def run(cfg: ProbeConfig) -> dict:
     results = {
         "checkpoint": loaded.meta, "random_init": cfg.random_init, "feature": cfg.feature,
         "test_patches": cfg.test_patches, "eval_mode": cfg.eval_mode, "seed": cfg.seed,
-        "device": str(device), "amp": cfg.amp, "max_images": cfg.max_images,
+        "device": str(device), "amp": cfg.amp,
+        "max_images": {"train": cfg.max_train_images, "test": cfg.max_test_images},
         "probe": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
                   "schedule": "cosine per epoch", "features": "raw (not standardized)",

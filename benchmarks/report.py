@@ -4,8 +4,9 @@
 
 Every figure in the tables carries where (hardware) and when (date) it was measured, taken
 from the JSON that holds it. Recognised files (by name): pipeline*, train_throughput*,
-loss_and_model*, conversion*, probe*, time_to_accuracy*, reencode*; others are listed as
-unrecognised. A section appears only when it has rows. Plots (PNG beside the report):
+loss_and_model*, conversion*, probe*, time_to_accuracy*, reencode*, compare* (paired probe
+comparisons), summary.json (accuracy_runs.py's per-seed aggregates); train_<step>/env_* files of
+accuracy_runs.py are counted, not tabulated; others are listed as unrecognised. A section appears only when it has rows. Plots (PNG beside the report):
 pipeline patches/s per source (the reference source, the paper's PIL path, among them),
 training patches/s per option and source, the fused loss's speed-up over the per-group loop.
 """
@@ -144,15 +145,61 @@ def _pct(x) -> str:
 
 
 def probe_rows(files) -> list[str]:
-    out = ["| checkpoint | n | epochs | feature | test patches | linear top-1 | kNN top-1 | file |",
-           "|---|---:|---:|---|---:|---:|---:|---|"]
+    out = ["| checkpoint | data | test images | epochs | feature | test patches | linear top-1 | "
+           "kNN top-1 | file |", "|---|---|---:|---:|---|---:|---:|---:|---|"]
     for path, d in files:
         ck = d.get("checkpoint", {})
-        cfg_n = ck.get("num_patches", "")
         init = " (random init)" if d.get("random_init") else ""
-        out.append(f"| {ck.get('path', '?')}{init} | {cfg_n} | {ck.get('epoch', '')} | {d.get('feature')} | "
-                   f"{d.get('test_patches')} | {_pct(d.get('linear_top1'))} | {_pct(d.get('knn_top1'))} | "
-                   f"{_name(path)} |")
+        ds = d.get("dataset") if isinstance(d.get("dataset"), dict) else {}
+        src = Path(ds.get("source") or "").name
+        data = f"{ds.get('name', '?')}" + (f" ({src})" if src else "")
+        out.append(f"| {ck.get('path', '?')}{init} | {data} | {_fmt(d.get('num_test', '?'))} | "
+                   f"{ck.get('epoch', '')} | {d.get('feature')} | {d.get('test_patches')} | "
+                   f"{_pct(d.get('linear_top1'))} | {_pct(d.get('knn_top1'))} | {_name(path)} |")
+    return out
+
+
+def _ci(ci) -> str:
+    return f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+
+
+def compare_rows(files) -> list[str]:
+    """benchmarks/compare_probes.py (and accuracy_runs.py's compare_*.json): one row per pair
+    of probes and metric; accuracies on the paired pictures only."""
+    out = ["| A | B | metric | pairs | A top-1 | B top-1 | A - B (points) | 95% CI (paired bootstrap) | "
+           "McNemar p | file |", "|---|---|---|---:|---:|---:|---:|---|---:|---|"]
+    for path, d in files:
+        for p in d.get("pairs", []):
+            for m in ("linear", "knn"):
+                s = p.get(m) or {}
+                if "diff" not in s:
+                    continue
+                out.append(f"| {Path(p.get('a', '?')).stem} ({p.get('a_dataset', '?')}) | "
+                           f"{Path(p.get('b', '?')).stem} ({p.get('b_dataset', '?')}) | {m} | "
+                           f"{_fmt(s['pairs'])} | {_pct(s['acc_a'])} | {_pct(s['acc_b'])} | "
+                           f"{100 * s['diff']:+.2f} | {_ci(s.get('ci95'))} | {s.get('mcnemar_p', 0):.3g} | "
+                           f"{_name(path)} |")
+    return out
+
+
+def seed_summary_rows(files) -> list[str]:
+    """accuracy_runs.py's summary.json: per variant, the mean over seeds of the paired
+    difference lossless - variant, with its intervals."""
+    out = ["| scale | B (vs A = lossless, same seed) | metric | seeds | A mean (sd) | B mean (sd) | "
+           "mean A - B (points) | 95% CI, t over seeds | 95% CI, seeds + pictures bootstrap | date | file |",
+           "|---|---|---|---:|---:|---:|---:|---|---|---|---|"]
+    for path, d in files:
+        for variant, c in sorted(d.get("comparisons", {}).items()):
+            sm = c.get("summary") or {}
+            for m in ("linear", "knn"):
+                s = sm.get(m)
+                if not s:
+                    continue
+                out.append(f"| {d.get('scale', '?')} | {variant} | {m} | {sm.get('seeds')} | "
+                           f"{_pct(s['mean_acc_a'])} ({100 * s['sd_acc_a']:.2f}) | "
+                           f"{_pct(s['mean_acc_b'])} ({100 * s['sd_acc_b']:.2f}) | "
+                           f"{100 * s['mean_diff']:+.2f} | {_ci(s.get('ci95_t_over_seeds'))} | "
+                           f"{_ci(s.get('ci95_two_level_bootstrap'))} | {when(d, path)} | {_name(path)} |")
     return out
 
 
@@ -238,7 +285,8 @@ def main(argv=None) -> int:
     res = Path(a.results)
     out = Path(a.out) if a.out else res / "REPORT.md"
     groups: dict[str, list] = {"pipeline": [], "train": [], "loss": [], "conversion": [], "probe": [],
-                               "tta": [], "reencode": [], "other": []}
+                               "tta": [], "reencode": [], "compare": [], "summary": [], "runs": [],
+                               "other": []}
     for path in sorted(res.rglob("*.json")):
         try:
             d = json.loads(path.read_text())
@@ -249,7 +297,9 @@ def main(argv=None) -> int:
         key = ("pipeline" if name.startswith("pipeline") else "train" if name.startswith("train_throughput")
                else "loss" if name.startswith("loss_and_model") else "conversion" if name.startswith("conversion")
                else "probe" if name.startswith("probe") else "tta" if name.startswith("time_to_accuracy")
-               else "reencode" if name.startswith("reencode") else "other")
+               else "reencode" if name.startswith("reencode") else "compare" if name.startswith("compare")
+               else "summary" if name == "summary.json"
+               else "runs" if name.startswith(("train_", "env_")) else "other")
         groups[key].append((path, d))
     lines = ["# Benchmark report", "", f"Generated by `python benchmarks/report.py` from {len(sum(groups.values(), []))} "
              "result files. Each row names the hardware and date of its own measurement.", ""]
@@ -280,6 +330,9 @@ def main(argv=None) -> int:
              "fused EMP-SSL loss (forward + backward) vs the per-group loop", "loss",
              dict(xlabel="speed-up, x (log)", left=1.0)))
     section("Training step, model only (benchmarks/loss_and_model.py)", step_rows(groups["loss"]))
+    section("Paired accuracy differences over seeds (benchmarks/accuracy_runs.py)",
+            seed_summary_rows(groups["summary"]))
+    section("Paired comparisons (benchmarks/compare_probes.py)", compare_rows(groups["compare"]))
     section("Probes", probe_rows(groups["probe"]))
     section("Time to accuracy (linear probe after E epochs of one run)", tta_rows(groups["tta"]))
     section("JPEG re-encodings of the data (benchmarks/reencode_jpeg.py)", reencode_rows(groups["reencode"]))

@@ -171,8 +171,25 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
         f.write(data)
 
 
+def dumps_json(obj, indent: int = 2, _level: int = 0) -> str:
+    """``json.dumps(obj, indent=2)``, except that a list of plain numbers (or bools/None) is
+    kept on one line, so per-image arrays (a probe's predictions) stay a few lines long."""
+    pad, inner = " " * (indent * _level), " " * (indent * (_level + 1))
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {dumps_json(v, indent, _level + 1)}"
+                 for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)) and obj:
+        if all(x is None or isinstance(x, (bool, int, float)) for x in obj):
+            return json.dumps(list(obj))
+        items = [inner + dumps_json(v, indent, _level + 1) for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
 def write_json_atomic(path: Path | str, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """``obj`` as indented JSON (:func:`dumps_json`), written atomically."""
+    write_bytes_atomic(path, (dumps_json(obj) + "\n").encode())
 
 
 def save_figure_atomic(fig, path: Path | str, **savefig_kwargs) -> None:

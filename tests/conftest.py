@@ -1,4 +1,6 @@
-"""Shared fixtures: the real CIFAR-10 JPEGs from ../shared, a small subset of them, converted."""
+"""Shared fixtures: the real CIFAR-10 from ../shared (the lossless PNG archive where it exists,
+else the JPEG copy), a small subset of it, converted; and a subset of the JPEG copy for the
+tests that need real JPEG files (shards, decoders)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+SHARED_CIFAR_PNG = SHARED_DATASETS / "cifar10-png.tar.xz"  # lossless: 50,000 train, 1,000 test
+SHARED_CIFAR_JPEG = SHARED_DATASETS / "cifar10-jpeg.tar.xz"  # JPEG q75 copy: 50,000 + 10,000
+SHARED_CIFAR = SHARED_CIFAR_PNG if SHARED_CIFAR_PNG.is_file() else SHARED_CIFAR_JPEG
 
 
 def run_tool(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -21,31 +26,13 @@ def run_tool(*args: str, check: bool = True, timeout: float = 600) -> subprocess
     return proc
 
 
-@pytest.fixture(scope="session")
-def cifar_jpeg_dir(tmp_path_factory) -> Path:
-    """The full shared CIFAR-10 ImageFolder (train/, test/), unpacked once per session."""
-    if not SHARED_CIFAR.is_file():
-        pytest.skip(f"{SHARED_CIFAR} not found (tests read the real data from ../shared)")
-    out = tmp_path_factory.mktemp("cifar10-jpeg")
-    with tarfile.open(SHARED_CIFAR) as tf:
-        tf.extractall(out, filter="data")
-    roots = [p for p in out.rglob("train") if p.is_dir()]
-    return roots[0].parent
-
-
-@pytest.fixture(scope="session")
-def cifar_subset_dir(tmp_path_factory) -> Path:
-    """A real-CIFAR ImageFolder with 50 train and 10 test images per class (500 + 100).
-
-    Streams the shared archive once and writes only those files (the first ones of each class
-    in archive order), rather than unpacking all 60,000.
-    """
-    if not SHARED_CIFAR.is_file():
-        pytest.skip(f"{SHARED_CIFAR} not found (tests read the real data from ../shared)")
-    want = {"train": 50, "test": 10}
-    out = tmp_path_factory.mktemp("cifar-subset")
+def _subset(archive: Path, out: Path, want: dict[str, int]) -> Path:
+    """Stream ``archive`` once and write only the first ``want[split]`` files of each class
+    (in archive order) into ``out`` as an ImageFolder."""
+    if not archive.is_file():
+        pytest.skip(f"{archive} not found (tests read the real data from ../shared)")
     taken: dict[tuple[str, str], int] = {}
-    with tarfile.open(SHARED_CIFAR, "r|xz") as tf:
+    with tarfile.open(archive, "r|xz") as tf:
         for m in tf:
             parts = Path(m.name).parts
             if not m.isfile() or len(parts) < 3 or parts[-3] not in want:
@@ -58,6 +45,21 @@ def cifar_subset_dir(tmp_path_factory) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(tf.extractfile(m).read())
     return out
+
+
+@pytest.fixture(scope="session")
+def cifar_subset_dir(tmp_path_factory) -> Path:
+    """A real-CIFAR ImageFolder with 50 train and 10 test images per class (500 + 100), from the
+    lossless archive where it exists (PNG files), else from the JPEG copy."""
+    return _subset(SHARED_CIFAR, tmp_path_factory.mktemp("cifar-subset"), {"train": 50, "test": 10})
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg_subset_dir(tmp_path_factory) -> Path:
+    """Real CIFAR JPEG files (the shared JPEG copy), 50 train and 10 test images per class, for
+    the tests of JPEG pass-through, the shard format and its decoders."""
+    return _subset(SHARED_CIFAR_JPEG, tmp_path_factory.mktemp("cifar-jpeg-subset"),
+                   {"train": 50, "test": 10})
 
 
 @pytest.fixture(scope="session")

@@ -43,8 +43,17 @@ def shards(root: Path, split: str) -> list[tuple[bytes, int]]:
 # ------------------------------------------------------------------ real CIFAR-10 JPEGs
 
 
-def test_cifar_subset_all_formats_agree(cifar_subset_data, cifar_subset_dir):
-    root = cifar_subset_data
+@pytest.mark.parametrize("kind", ["default", "jpeg"])
+def test_cifar_subset_all_formats_agree(kind, request, tmp_path):
+    """The subset of the default (lossless PNG) archive, and of the JPEG copy: memory == the
+    source files decoded by PIL; shards hold JPEG source files untouched and encode lossless
+    ones once; ffcv raw is bit-exact."""
+    if kind == "default":
+        root, cifar_subset_dir = (request.getfixturevalue("cifar_subset_data"),
+                                  request.getfixturevalue("cifar_subset_dir"))
+    else:
+        cifar_subset_dir = request.getfixturevalue("cifar_jpeg_subset_dir")
+        root = run(cifar_subset_dir, tmp_path, name="cifar10-jpeg-subset", workers=2).root
     m = load_manifest(root)
     classes = sorted(p.name for p in (cifar_subset_dir / "train").iterdir())
     assert m.classes == classes and len(classes) == 10
@@ -63,9 +72,12 @@ def test_cifar_subset_all_formats_agree(cifar_subset_data, cifar_subset_dir):
         assert labels.tolist() == [i for i in range(10) for _ in range(per_class)]
         # memory == the source JPEGs decoded by PIL, exactly, in class-major sorted order
         assert np.array_equal(images, np.stack([pil_rgb(f) for f in files]))
-        # dali: baseline RGB JPEGs are stored untouched (no re-encode loss)
         samples = shards(root, split)
-        assert [b for b, _ in samples] == [f.read_bytes() for f in files]
+        if files[0].suffix == ".jpg":  # dali: baseline RGB JPEGs are stored untouched
+            assert [b for b, _ in samples] == [f.read_bytes() for f in files]
+        else:  # lossless sources are JPEG-encoded once, at the converter's quality
+            decoded = np.stack([pil_rgb(io.BytesIO(b)) for b, _ in samples]).astype(np.int64)
+            assert 0 < np.abs(decoded - images).mean() < 4
         assert [l for _, l in samples] == labels.tolist()
         # ffcv raw: bit-exact
         fimages, flabels = read_beton(root / f"{split}.beton")
@@ -276,14 +288,23 @@ def test_cli_convert_then_verify(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_shared_cifar10_archive(tmp_path):
-    from conftest import SHARED_CIFAR
-    if not SHARED_CIFAR.is_file():
-        pytest.skip("no shared CIFAR-10 archive")
-    res = run(SHARED_CIFAR, tmp_path, name="cifar10", workers=2)
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_full_shared_cifar10_archive(tmp_path, kind):
+    """Both shared archives convert whole; the lossless one holds the first 1,000 test images
+    (86-112 per class), the JPEG copy all 10,000."""
+    from conftest import SHARED_CIFAR_JPEG, SHARED_CIFAR_PNG
+    archive = SHARED_CIFAR_PNG if kind == "png" else SHARED_CIFAR_JPEG
+    if not archive.is_file():
+        pytest.skip(f"no shared archive {archive.name}")
+    res = run(archive, tmp_path, name="cifar10", workers=2)
     m = res.manifest
-    assert {k: v.count for k, v in m.splits.items()} == {"train": 50000, "test": 10000}
-    assert m.splits["train"].class_counts == [5000] * 10 and res.passthrough["train"] == 50000
+    test = 1000 if kind == "png" else 10000
+    assert {k: v.count for k, v in m.splits.items()} == {"train": 50000, "test": test}
+    assert m.splits["train"].class_counts == [5000] * 10 and sum(m.splits["test"].class_counts) == test
+    if kind == "png":
+        assert min(m.splits["test"].class_counts) >= 86 and max(m.splits["test"].class_counts) <= 112
+    else:
+        assert res.passthrough["train"] == 50000
     assert verify(res.root, progress=False) == []
 
 

@@ -15,12 +15,12 @@ from pipeline.shards import INDEX_VERSION, index_count, read_shards, sample_key,
 
 
 @pytest.fixture(scope="module")
-def real_samples(cifar_subset_dir) -> list[tuple[bytes, int]]:
+def real_samples(cifar_jpeg_subset_dir) -> list[tuple[bytes, int]]:
     """3 real CIFAR JPEGs of each of the 10 classes, class-major: 30 (jpeg_bytes, label)."""
-    classes = sorted(p.name for p in (cifar_subset_dir / "train").iterdir())
+    classes = sorted(p.name for p in (cifar_jpeg_subset_dir / "train").iterdir())
     out = []
     for label, name in enumerate(classes):
-        for f in sorted((cifar_subset_dir / "train" / name).iterdir())[:3]:
+        for f in sorted((cifar_jpeg_subset_dir / "train" / name).iterdir())[:3]:
             out.append((f.read_bytes(), label))
     return out
 

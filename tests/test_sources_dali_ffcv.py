@@ -27,17 +27,17 @@ def _pil(jpeg: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def data(cifar_subset_dir, tmp_path_factory):
+def data(cifar_jpeg_subset_dir, tmp_path_factory):
     """data/<name> with a fixed-size 'train' split (30 real CIFAR JPEGs, dali + ffcv raw) and a
     variable-size 'val' split (crops of them re-encoded, dali + ffcv jpg); returns
     (root, train pixels (30, 32, 32, 3), train labels (30,))."""
     from pipeline.beton import write_beton
 
     root = tmp_path_factory.mktemp("data") / "tiny"
-    classes = sorted(p.name for p in (cifar_subset_dir / "train").iterdir())
+    classes = sorted(p.name for p in (cifar_jpeg_subset_dir / "train").iterdir())
     jpegs, labels = [], []
     for label, name in enumerate(classes):
-        for f in sorted((cifar_subset_dir / "train" / name).iterdir())[:3]:
+        for f in sorted((cifar_jpeg_subset_dir / "train" / name).iterdir())[:3]:
             jpegs.append(f.read_bytes())
             labels.append(label)
     labels = np.array(labels, dtype=np.int64)
@@ -59,7 +59,7 @@ def data(cifar_subset_dir, tmp_path_factory):
     write_beton(ffcv_path(root, "val"), val, np.arange(12), encoding="jpg")
 
     save_manifest(root, Manifest(
-        name="tiny", source=str(cifar_subset_dir), classes=classes,
+        name="tiny", source=str(cifar_jpeg_subset_dir), classes=classes,
         splits={"train": SplitInfo(N_TRAIN, [32, 32, 3], [3] * 10),
                 "val": SplitInfo(12, None, [])},
         mean=[0.5] * 3, std=[0.25] * 3, formats=["ffcv", "dali"]))

@@ -17,11 +17,32 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
+SHARED_DIR = ROOT.parent / "shared" / "datasets"
+SHARED = SHARED_DIR / "cifar10-png.tar.xz"  # the original, lossless pixels
+SHARED_JPEG = SHARED_DIR / "cifar10-jpeg.tar.xz"  # a lossy copy, used only where the PNGs are missing
 
-# Probe settings per scale: (test patches per image, probe epochs, images per split cap)
+# Probe settings per scale: (test patches per image, probe epochs, train images cap); the test
+# split is always probed whole (the lossless archive holds 1,000 test images)
 CPU_PROBE = ("8", "30", "4000")
 GPU_PROBE = ("128", "100", "0")
+
+
+def default_source() -> str:
+    """The shared lossless archive, else the shared JPEG copy, else torchvision's download."""
+    for path in (SHARED, SHARED_JPEG):
+        if path.is_file():
+            return str(path)
+    return "cifar10"
+
+
+def stale_jpeg_copy(data: Path, source: str) -> bool:
+    """True when ``data`` was converted by an older demo from the shared JPEG copy while the
+    lossless archive is now the default source."""
+    try:
+        made_from = json.loads((data / "manifest.json").read_text()).get("source", "")
+    except (OSError, ValueError):
+        return False
+    return source == str(SHARED) and Path(made_from).name == SHARED_JPEG.name
 
 
 def run(cmd: list[str]) -> None:
@@ -35,8 +56,8 @@ def run(cmd: list[str]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", help="CIFAR-10 to convert when --data is missing: a path (pickles, "
-                   "ImageFolder or archive) or `cifar10` (download); default: the shared JPEG archive "
-                   "if present, else download")
+                   "ImageFolder or archive) or `cifar10` (download); default: the shared lossless "
+                   "archive (cifar10-png.tar.xz), else the shared JPEG copy, else download")
     p.add_argument("--data", default="data/cifar10", help="converted dataset dir (default data/cifar10)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--preset", help="config preset (default: demo on CPU, cifar10_n20_e1 on a GPU)")
@@ -49,10 +70,14 @@ def main(argv=None) -> int:
     py = sys.executable
     data = Path(args.data)
     t0 = time.perf_counter()
-    if not (data / "manifest.json").is_file():
-        src = args.source or (str(SHARED) if SHARED.is_file() else "cifar10")
+    src = args.source or default_source()
+    stale = args.source is None and stale_jpeg_copy(data, src)
+    if stale:
+        print(f"demo: {data} holds the JPEG copy an older demo converted; re-converting it from "
+              f"the lossless {SHARED.name}", flush=True)
+    if stale or not (data / "manifest.json").is_file():
         cmd = [py, "tools/convert_datasets.py", src, "--name", data.name, "--out", str(data.parent),
-               "--formats", "memory"]
+               "--formats", "memory"] + (["--overwrite"] if stale else [])
         if src in ("cifar10", "cifar100"):
             cmd.append("--download")
         run(cmd)
@@ -69,14 +94,17 @@ def main(argv=None) -> int:
     probe = [py, "probe.py", "--checkpoint", str(out / "ckpt.pt"), "--data", str(data),
              "--test-patches", patches, "--epochs", epochs, "--device", args.device]
     if cap != "0":
-        probe += ["--max-images", cap]
+        probe += ["--max-train-images", cap]
     run(probe + ["--out", str(out / "probe")])
     run(probe + ["--out", str(out / "probe-random-init"), "--random-init", "--no-plots"])
     t3 = time.perf_counter()
     trained = json.loads((out / "probe" / "results.json").read_text())
     rand = json.loads((out / "probe-random-init" / "results.json").read_text())
+    made_from = json.loads((data / "manifest.json").read_text()).get("source", "?")
     print(f"\nEMP-SSL demo ({preset}, {'GPU' if gpu else 'CPU'}): convert {t1 - t0:.0f}s, "
           f"train {t2 - t1:.0f}s, probe {t3 - t2:.0f}s")
+    print(f"data: {data} (from {Path(made_from).name}); linear probe on {trained['num_train']} train "
+          f"images, tested on {trained['num_test']} test images")
     print(f"{'encoder':<14}{'linear top-1':>14}{'kNN top-1':>12}")
     for name, r in (("EMP-SSL", trained), ("random init", rand)):
         print(f"{name:<14}{100 * r['linear_top1']:>13.2f}%{100 * r['knn_top1']:>11.2f}%")
