@@ -214,12 +214,13 @@ def _train_args(d: dict) -> str:
 def tta_rows(files) -> list[str]:
     """One row per probed point: the schedule length tells a 1-epoch run from the first epoch
     of a longer one."""
-    out = ["| config | schedule (epochs) | extra train args | epoch | training min | linear top-1 | "
-           "kNN top-1 | hardware | date | file |", "|---|---:|---|---:|---:|---:|---:|---|---|---|"]
+    out = ["| config | data | schedule (epochs) | extra train args | epoch | training min | linear top-1 | "
+           "kNN top-1 | hardware | date | file |", "|---|---|---:|---|---:|---:|---:|---:|---|---|---|"]
     for path, d in files:
         env = d.get("environment", {})
         for pt in d.get("points", []):
-            out.append(f"| {Path(d.get('config', '?')).name} | {d.get('epochs', '?'):g} | "
+            out.append(f"| {Path(d.get('config', '?')).name} | {d.get('dataset_name', '?')} | "
+                       f"{d.get('epochs', '?'):g} | "
                        f"{_train_args(d) or ''} | {pt['epoch']:.3g} | {pt['train_minutes']:.2f} | "
                        f"{_pct(pt.get('linear_top1'))} | {_pct(pt.get('knn_top1'))} | {where(env)} | "
                        f"{when(env, path)} | {_name(path)} |")

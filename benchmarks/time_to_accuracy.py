@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         result["points"].append({"epoch": done_steps / spe, "step": done_steps,
                                  "train_minutes": train_s / 60, "train_process_minutes": process_s / 60,
                                  "probe_minutes": probe_wall / 60,
-                                 "linear_top1": r["linear_top1"], "knn_top1": r["knn_top1"]})
+                                 "linear_top1": r["linear_top1"], "knn_top1": r["knn_top1"],
+                                 "num_test": r.get("num_test")})
         print(f"epoch {done_steps / spe:.3g}: linear {100 * r['linear_top1']:.2f}% kNN "
               f"{100 * r['knn_top1']:.2f}% after {train_s / 60:.2f} training minutes", flush=True)
     tag = "smoke" if a.smoke else Path(a.config).stem

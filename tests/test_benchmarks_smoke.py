@@ -52,7 +52,8 @@ def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
     # one table row per probed point, with the schedule length and the extra train.py arguments
     assert tta["train_args"].startswith("--num-patches 4")
     rows = [r for r in report.splitlines() if r.endswith("| time_to_accuracy_smoke.json |")]
-    assert len(rows) == 2 and all(r.startswith("| demo.yaml | 1 | --num-patches 4 ") for r in rows)
+    assert len(rows) == 2 and all(r.startswith("| demo.yaml | cifar10-subset | 1 | --num-patches 4 ")
+                                  for r in rows)
 
 
 def test_report_reads_train_args_of_older_time_to_accuracy_files():
