@@ -92,9 +92,9 @@ def plot(result: dict, path: Path) -> None:
         if mon:
             xs = [m["epoch"] if key == "epoch" else m["train_s"] / 60 for m in mon]
             what = f"monitor ({mon[-1]['test_images']} test imgs, {mon[-1]['patches']} patches)"
-            ax.plot(xs, [100 * m["linear_top1"] for m in mon], "-", color="C0", lw=1.2,
+            ax.plot(xs, [100 * m["linear_top1"] for m in mon], ".-", color="C0", lw=1.2,
                     label=f"{what}, linear")
-            ax.plot(xs, [100 * m["knn_top1"] for m in mon], "--", color="C1", lw=1.2,
+            ax.plot(xs, [100 * m["knn_top1"] for m in mon], ".--", color="C1", lw=1.2,
                     label=f"{what}, kNN")
         if pts:
             ax.plot([p[key] for p in pts], [100 * p["linear_top1"] for p in pts], "o", color="C0",
@@ -175,12 +175,15 @@ def main(argv=None) -> int:
               "environment": environment()}
     done_steps, process_s, stop = 0, 0.0, None
     for e in points or [epochs]:
-        if not (out / "run" / "ckpt.pt").exists():  # create the run; learn steps/epoch from it
+        if not points:  # the monitor curve only: the whole schedule in one train.py call
+            resume = ["--resume"] if (out / "run" / "ckpt.pt").exists() else []
+            process_s += run(base + resume)
+        elif not (out / "run" / "ckpt.pt").exists():  # create the run; learn steps/epoch from it
             process_s += run(base + ["--run.max_steps", "1"])
             done_steps = 1
         spe, total = steps_per_epoch(out / "run")
         target = min(total, max(1, math.ceil(e * spe - 1e-9)))
-        if target > done_steps:  # resume the same run up to the point
+        if points and target > done_steps:  # resume the same run up to the point
             process_s += run(base + ["--resume", "--run.max_steps", str(target - done_steps)])
         summary = summary_of(out / "run")
         done_steps = load_checkpoint(out / "run" / "ckpt.pt")["step"]
