@@ -109,7 +109,8 @@ class RunConfig:
 class MonitorConfig:
     """The accuracy monitor (off unless ``every`` > 0): kNN and linear top-1 of the current
     encoder on a fixed set of M train and M test images, each embedded as probe.py does (the
-    mean of ``kind`` features over ``patches`` augmented patches from a seeded generator)."""
+    mean of ``feature`` features over ``patches`` augmented patches from a seeded generator).
+    Suggested: ``every`` 0.5 (two evaluations per epoch; see the README for the cost)."""
 
     every: float = 0.0  # 0 = off; >= 1: every this many steps; in (0, 1): this fraction of an epoch
     images: int = 1000  # M per split: the first M of a seeded shuffle (probe.py --max-images M)

@@ -193,3 +193,20 @@ def test_monitor_needs_the_memory_format(cifar_subset_data, tmp_path, capsys):
     assert train.main(args(d, tmp_path / "o", "--monitor.every", "2")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--monitor.every: the monitor reads the memory format" in err, err
+
+
+def test_monitor_cost_benchmark(cifar_subset_data, tmp_path):
+    """benchmarks/monitor_cost.py times steps and evaluations and derives the share from them."""
+    from benchmarks import monitor_cost
+
+    out = tmp_path / "cost.json"
+    assert monitor_cost.main(["--config", "configs/demo.yaml", "--data", str(cifar_subset_data),
+                              "--train-args", " ".join(SMALL[2:] + MON), "--every", "0.2,0.5",
+                              "--steps", "1", "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["steps_per_epoch"] == 10 and r["step_s"] > 0 and r["eval_s"] >= r["features_s"] > 0
+    assert r["monitor"]["images"] == {"train": 60, "test": 60} and r["monitor"]["patches"] == 2
+    assert [x["every_steps"] for x in r["rows"]] == [2, 5]
+    for x in r["rows"]:
+        assert x["overhead"] == pytest.approx(r["eval_s"] / (x["every_steps"] * r["step_s"]))
+    assert "git_commit" in r and "hardware" in r
