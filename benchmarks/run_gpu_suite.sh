@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, in priority order, each step's output kept even if a later one fails:
 # convert CIFAR-10 (memory), train the paper's 1-epoch n=20 recipe, probe it (128 patches,
-# 100 epochs), then training and pipeline throughput, then the accuracy monitor's cost.
-# Usage: bash benchmarks/run_gpu_suite.sh ARCHIVE OUTDIR
+# 100 epochs), then training and pipeline throughput. Usage: bash benchmarks/run_gpu_suite.sh ARCHIVE OUTDIR
 set -u
 ARCHIVE=${1:-../shared/datasets/cifar10-jpeg.tar.xz}; OUT=${2:-benchmarks/results/gpu}
 mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
@@ -22,5 +21,3 @@ $PY benchmarks/train_throughput.py --data data/cifar10 --options eager --n 20,20
   --json "$OUT/train_throughput.json" 2>&1 | tail -8
 $PY benchmarks/pipeline_throughput.py --data data/cifar10 --sources memory,reference --devices cuda \
   --json "$OUT/pipeline_throughput.json" 2>&1 | tail -8
-$PY benchmarks/monitor_cost.py --config configs/cifar10_n20_e1.yaml --data data/cifar10 \
-  --json "$OUT/monitor_cost.json" 2>&1 | tail -4
