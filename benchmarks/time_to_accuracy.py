@@ -206,11 +206,11 @@ def main(argv=None) -> int:
                                  "probe_minutes": probe_wall / 60,
                                  "linear_top1": r["linear_top1"], "knn_top1": r["knn_top1"],
                                  "num_test": r.get("num_test")})
-        result["points"][-1]["at_stop"] = reached  # probed where --stop-at ended the run
         print(f"epoch {done_steps / spe:.3g}: linear {100 * r['linear_top1']:.2f}% kNN "
               f"{100 * r['knn_top1']:.2f}% after {train_s / 60:.2f} training minutes"
               + (" (the monitor reached --stop-at)" if reached else ""), flush=True)
         if reached:
+            result["points"][-1]["at_stop"] = True  # probed where --stop-at ended the run
             break
     result.setdefault("dataset_name", Path(a.data).name)
     result["monitor"] = monitor_curve(out / "run")
