@@ -43,12 +43,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, load_checkpoint, load_encoder
 from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
 from model.linear_probe import knn_predict, train_linear_probe
 from pipeline.errors import UserError
+from pipeline.features import extract_features, images_per_call
 from pipeline.formats import (MANIFEST_NAME, Manifest, load_manifest, require_format,
                               require_split, save_figure_atomic, sha256_file, write_bytes_atomic,
                               write_json_atomic)
@@ -327,57 +327,6 @@ def open_dataset(root: Path, *, test_split: str, patch_size: int, flag: str,
 
 
 # --------------------------------------------------------------------------- features
-
-def images_per_call(extract_batch: int, num_patches: int, out_size: int,
-                    device: torch.device, amp: str = "bf16") -> int:
-    """Images per encoder call: the flag, or a budget of ~16k (GPU; 8k in fp32, twice the bytes
-    per activation) / 1k (CPU) 32px patches."""
-    if extract_batch:
-        return extract_batch
-    per_32px = (16384 if amp == "bf16" else 8192) if device.type == "cuda" else 1024
-    budget = per_32px * 32 * 32 // (out_size * out_size)
-    return max(1, budget // num_patches)
-
-
-@torch.no_grad()
-def extract_features(encoder: torch.nn.Module, batches, *, num_patches: int, patch_size: int,
-                     out_size: int, mean, std, augment: AugmentParams | None, kind: str,
-                     generator: torch.Generator, device: torch.device,
-                     max_images: int | None = None, progress: bool = True,
-                     desc: str = "features", total: int | None = None, amp: str = "fp32"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bag-of-features: per image, the mean of ``kind`` features over ``num_patches`` patches.
-
-    ``batches`` yields (uint8 (B, H, W, 3), int64 (B,)) on ``device``. Returns float32 (N, d)
-    and int64 (N,) on the CPU, N = all images (or the first ``max_images``); ``total`` is the
-    number of batches, for the progress bar. ``amp``: "bf16" runs the encoder under bf16
-    autocast on bf16 patches, "fp32" in float32; the mean over patches is taken in float32.
-    """
-    bf16 = amp == "bf16"
-    feats, labels, seen = [], [], 0
-    bar = tqdm(batches, desc=desc, total=total, disable=not progress,
-               leave=False, dynamic_ncols=True, unit="batch")
-    for images, y in bar:
-        if max_images is not None and seen + len(y) > max_images:
-            images, y = images[:max_images - seen], y[:max_images - seen]
-        B = images.shape[0]
-        patches = make_patches(images, num_patches=num_patches, patch_size=patch_size,
-                               out_size=out_size, mean=mean, std=std, generator=generator,
-                               augment=augment,
-                               dtype=torch.bfloat16 if bf16 else torch.float32)  # (n, B, 3, S, S)
-        x = flatten_patches(patches)  # (n*B, 3, S, S), patch-major
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            f = encoder.features(x, kind)  # (n*B, d)
-        feats.append(f.float().reshape(num_patches, B, -1).mean(0))  # (B, d)
-        labels.append(y.to(torch.int64))
-        seen += B
-        if max_images is not None and seen >= max_images:
-            break
-    bar.close()
-    if not feats:
-        raise UserError(f"{desc}: the split has no images")
-    return torch.cat(feats).cpu(), torch.cat(labels).cpu()
-
 
 def _save_atomic(obj, path: Path) -> None:
     buf = io.BytesIO()

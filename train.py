@@ -16,6 +16,15 @@ and RUN/ckpt.pt (every epoch, at the end, and on SIGINT/SIGTERM; atomic). --resu
 run from RUN/ckpt.pt exactly: batch order is a function of (seed, epoch) and each step's patch
 randomness of (seed, step, rank), so an interrupted and resumed CPU run equals an uninterrupted
 one bit for bit.
+
+Monitor (``--monitor.every K``: K steps, or a fraction of an epoch such as 0.25): every K
+steps and at the end, kNN (k 20, T 0.07) and linear top-1 of the current encoder on a fixed
+set of M train and M test images, each embedded as probe.py does (the mean feature over a few
+augmented patches from a seeded generator), with BatchNorm in eval mode; to metrics.jsonl
+({"monitor": true, ...}), TensorBoard (monitor/) and the progress bar. It draws from its own
+generators only, so a run with the monitor equals one without it. ``--stop-at ACC`` ends the
+run with a checkpoint when the monitor's accuracy reaches ACC and records the step, the epoch
+and the training wall-clock (the loop's time without the monitor's) at which it did.
 """
 from __future__ import annotations
 
@@ -31,19 +40,23 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.encoder import EncoderConfig, build_encoder
+from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
 from model.lars import LARS, lars_param_groups
+from model.linear_probe import knn_top1, train_linear_probe
 from model.step import EmpStep, configure_cuda
 from pipeline.errors import UserError
+from pipeline.features import extract_features, images_per_call, subset_rows
 from pipeline.formats import load_manifest, require_split, write_bytes_atomic
 from pipeline.patches import AugmentParams, make_patches
 from pipeline.sources import SOURCES, build_source
 from pipeline.sources.base import SourceOptions
+from pipeline.sources.memory import load_memory_arrays
 
 ROOT = Path(__file__).resolve().parent
 
@@ -93,6 +106,26 @@ class RunConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The accuracy monitor (off unless ``every`` > 0): kNN and linear top-1 of the current
+    encoder on a fixed set of M train and M test images, each embedded as probe.py does (the
+    mean of ``feature`` features over ``patches`` augmented patches from a seeded generator).
+    Suggested: ``every`` 0.5 (two evaluations per epoch; see the README for the cost)."""
+
+    every: float = 0.0  # 0 = off; >= 1: every this many steps; in (0, 1): this fraction of an epoch
+    images: int = 1000  # M per split: the first M of a seeded shuffle (probe.py --max-images M)
+    patches: int = 8  # patches per image; feature = mean over them (probe.py --test-patches)
+    feature: str = "pre_projector"  # pre_projector | backbone (probe.py --feature)
+    eval_mode: str = "augmented"  # augmented = the run's training augmentations | crops
+    epochs: int = 20  # linear classifier epochs on the cached features (probe.py's SGD recipe)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    seed: int = 0  # the monitor set, its patches and the classifier's init (probe.py --seed)
+    stop_at: float = 0.0  # > 0: end the run (with a checkpoint) once stop_metric reaches it
+    stop_metric: str = "linear"  # linear | knn
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: EncoderConfig = field(default_factory=EncoderConfig)  # arch, stem, width, projector
@@ -100,11 +133,14 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentParams = field(default_factory=AugmentParams)  # per-patch probabilities, strengths
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # kNN/linear every K steps, stop-at
 
 
-# Settings that may change between an interrupted run and its --resume: they do not change the math.
+# Settings that may change between an interrupted run and its --resume: they do not change the
+# math (the monitor only reads the encoder, with generators of its own).
 RESUME_FREE = {("run", "out"), ("run", "max_steps"), ("run", "log_every"), ("run", "tensorboard"),
-               ("run", "compile"), ("data", "num_workers")}
+               ("run", "compile"), ("data", "num_workers"),
+               *(("monitor", f.name) for f in dataclasses.fields(MonitorConfig))}
 
 
 def _load_preset(path: Path, seen=()) -> dict:
@@ -199,6 +235,33 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model.stem == "cifar" and d.out_size > 32:
         raise UserError(f"--model.stem cifar with {d.out_size}px patches: the cifar stem is for 32px "
                         f"inputs; use --model.stem imagenet (or a tinyimagenet/imagenet100 preset)")
+    validate_monitor(cfg.monitor, cfg.model)
+
+
+def validate_monitor(m: MonitorConfig, model: EncoderConfig) -> None:
+    if m.every < 0 or (m.every >= 1 and m.every != int(m.every)):
+        raise UserError(f"--monitor.every {m.every:g}: give whole steps (>= 1), a fraction of an epoch "
+                        f"(0.25 = every quarter epoch), or 0 for off")
+    if not 0 <= m.stop_at <= 1:
+        raise UserError(f"--stop-at {m.stop_at:g}: an accuracy as a fraction in (0, 1], e.g. 0.90")
+    if m.stop_at and not m.every:
+        raise UserError(f"--stop-at {m.stop_at:g}: needs the monitor; add --monitor.every STEPS "
+                        f"(or a fraction of an epoch, e.g. 0.25)")
+    if m.stop_metric not in ("linear", "knn"):
+        raise UserError(f"--stop-metric {m.stop_metric}: choose linear or knn")
+    for key, val in (("images", m.images), ("patches", m.patches), ("epochs", m.epochs),
+                     ("knn_k", m.knn_k)):
+        if val < 1:
+            raise UserError(f"--monitor.{key} {val}: must be >= 1")
+    if m.knn_temperature <= 0:
+        raise UserError(f"--monitor.knn_temperature {m.knn_temperature:g}: must be > 0")
+    if m.feature not in FEATURE_KINDS:
+        raise UserError(f"--monitor.feature {m.feature}: choose {' or '.join(FEATURE_KINDS)}")
+    if m.feature == "pre_projector" and len(model.projector) < 2:
+        raise UserError(f"--monitor.feature pre_projector: the projector {list(model.projector)} has "
+                        f"no hidden block; use --monitor.feature backbone")
+    if m.eval_mode not in ("augmented", "crops"):
+        raise UserError(f"--monitor.eval_mode {m.eval_mode}: choose augmented or crops")
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
@@ -221,12 +284,19 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
                    "in less memory; same gradient apart from BatchNorm batch statistics (run.patch_chunk)")
     p.add_argument("--device", help="auto | cpu | cuda (run.device)")
     p.add_argument("--seed", type=int, help="run.seed")
+    p.add_argument("--stop-at", metavar="ACC",
+                   help="end the run with a checkpoint once the monitor's accuracy (a fraction, e.g. "
+                        "0.90) is reached; records the step, epoch and training time (monitor.stop_at; "
+                        "needs --monitor.every)")
+    p.add_argument("--stop-metric", help="the monitor accuracy --stop-at reads: linear (default) or knn "
+                                         "(monitor.stop_metric)")
     args, rest = p.parse_known_args(argv)
     raw = _load_preset(Path(args.config))
     overrides = {"data.path": args.data, "run.out": args.out, "optim.epochs": args.epochs,
                  "data.num_patches": args.num_patches, "data.source": args.source,
                  "run.compile": True if args.compile else None, "run.patch_chunk": args.patch_chunk,
-                 "run.device": args.device, "run.seed": args.seed}
+                 "run.device": args.device, "run.seed": args.seed, "monitor.stop_at": args.stop_at,
+                 "monitor.stop_metric": args.stop_metric}
     if len(rest) % 2:
         raise UserError(f"{rest[-1]}: overrides come in pairs, --section.key value")
     for flag, value in zip(rest[::2], rest[1::2]):
@@ -305,6 +375,87 @@ def choose_source(cfg: DataConfig, split: str, device: torch.device) -> str:
     return "ffcv"
 
 
+# ----------------------------------------------------------------------------- monitor
+class Monitor:
+    """kNN and linear top-1 of the encoder on a fixed monitor set, every ``every`` steps.
+
+    The set: the first M rows of a seeded shuffle of the train split and of the test split
+    (``probe.py --max-images M --seed S`` embeds the same rows), held on the device as uint8.
+    Each evaluation embeds them as probe.py does (``pipeline.features.extract_features``):
+    feature(image) = mean of ``encoder.features(patch, feature)`` over ``patches`` patches,
+    drawn ``images_per_call`` images at a time from a generator seeded to
+    ``S * 1_000_003 + split_index`` afresh each time, so every evaluation sees the same
+    patches, and at probe.py's settings they are the probe's patches. On those features, on
+    the device: a weighted kNN (k, T as probe.py) and probe.py's linear classifier (SGD lr 0.03,
+    momentum 0.9, wd 5e-5, batch 100, cosine) for ``epochs`` epochs, final-epoch test top-1.
+
+    Cost per evaluation: 2 M x patches encoder forward passes (no backward) plus
+    epochs x ceil(M / 100) linear SGD steps; a training step is n x batch patches forward and
+    backward (~3 forward passes each).
+
+    BatchNorm runs on its running statistics (eval mode) and the model goes back to train mode
+    after. Every random draw comes from the monitor's own generators, so the global torch RNG,
+    the training patch generator and the source order are untouched: training with the monitor
+    equals training without it.
+    """
+
+    def __init__(self, cfg: MonitorConfig, *, data_path, manifest, patch_size: int, out_size: int,
+                 augment: AugmentParams, device: torch.device, amp: str, steps_per_epoch: int):
+        self.cfg, self.device, self.amp = cfg, device, amp
+        self.every = int(cfg.every) if cfg.every >= 1 else max(1, round(cfg.every * steps_per_epoch))
+        self.geometry = dict(num_patches=cfg.patches, patch_size=patch_size, out_size=out_size,
+                             mean=manifest.mean, std=manifest.std,
+                             augment=augment if cfg.eval_mode == "augmented" else None)
+        self.num_classes = manifest.num_classes
+        self.batch = images_per_call(0, cfg.patches, out_size, device, amp)  # probe.py's default
+        self.sets = {}  # split -> (uint8 (M, H, W, 3), int64 (M,), split index), on the device
+        for split in ("train", "test" if "test" in manifest.splits else "val"):
+            try:
+                images, labels = load_memory_arrays(data_path, split)
+            except UserError as e:
+                raise UserError(f"--monitor.every: the monitor reads the memory format: {e}") from None
+            index = ("train", "val", "test").index(split)
+            rows = subset_rows(len(labels), cfg.images, cfg.seed + index)  # (M,)
+            self.sets[split] = (torch.from_numpy(np.ascontiguousarray(images[rows])).to(device),
+                                torch.from_numpy(labels[rows]).to(device), index)
+        self.counts = {split: len(v[1]) for split, v in self.sets.items()}
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """After ``step`` steps: every ``every`` steps, and at the end of the schedule."""
+        return step % self.every == 0 or step == total_steps
+
+    def features(self, model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """split -> (float32 (M, d), int64 (M,)) on the CPU, the model in eval mode meanwhile."""
+        was_training = model.training
+        model.eval()
+        try:
+            out = {}
+            for split, (images, labels, index) in self.sets.items():
+                gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + index)
+                B = self.batch
+                batches = ((images[i:i + B], labels[i:i + B]) for i in range(0, len(labels), B))
+                out[split] = extract_features(model, batches, kind=self.cfg.feature, generator=gen,
+                                              device=self.device, progress=False, amp=self.amp,
+                                              **self.geometry)
+            return out
+        finally:
+            model.train(was_training)
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        """{"knn_top1", "linear_top1"} (fractions) of ``model`` on the monitor set, and the
+        seconds its features and its two classifiers took ("features_s", "heads_s")."""
+        c = self.cfg
+        t0 = time.perf_counter()
+        (train_x, train_y), (test_x, test_y) = self.features(model).values()  # on the CPU: synced
+        t1 = time.perf_counter()
+        knn = knn_top1(train_x.to(self.device), train_y, test_x, test_y, num_classes=self.num_classes,
+                       k=c.knn_k, temperature=c.knn_temperature)
+        lin = train_linear_probe(train_x, train_y, test_x, test_y, num_classes=self.num_classes,
+                                 epochs=c.epochs, seed=c.seed, device=self.device, progress=False)
+        return {"knn_top1": knn, "linear_top1": lin["final_top1"], "features_s": t1 - t0,
+                "heads_s": time.perf_counter() - t1}
+
+
 # ----------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool):
@@ -359,7 +510,14 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = LARS(lars_param_groups(self.model), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                         weight_decay=cfg.optim.weight_decay, eta=cfg.optim.eta)
+        self.monitor = None
+        if cfg.monitor.every:
+            self.monitor = Monitor(cfg.monitor, data_path=d.path, manifest=self.manifest,
+                                   patch_size=d.patch_size, out_size=d.out_size, augment=cfg.augment,
+                                   device=self.device, amp=self.amp, steps_per_epoch=self.steps_per_epoch)
         self.step = 0
+        self.train_s_before = 0.0  # training seconds of earlier invocations of this run (resume)
+        self._t_loop, self._monitor_s = None, 0.0
         if resume:
             self._restore(ckpt_path)
         net = self.model
@@ -387,6 +545,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "epoch": self.step // self.steps_per_epoch,
             "rng": {"torch": torch.get_rng_state()},
+            "train_s": self.train_seconds(),
             "config": asdict(self.cfg),
             "git_commit": self.commit,
         }
@@ -411,7 +570,15 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"], strict=True)
         self.opt.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
+        self.train_s_before = float(ckpt.get("train_s", 0.0))
         torch.set_rng_state(ckpt["rng"]["torch"])
+
+    def train_seconds(self) -> float:
+        """Training wall-clock of the run so far, over all its invocations: the loop's time
+        without the monitor's (what time-to-accuracy reports)."""
+        if self._t_loop is None:
+            return self.train_s_before
+        return self.train_s_before + time.perf_counter() - self._t_loop - self._monitor_s
 
     def _on_signal(self, signum, frame):  # noqa: ARG002
         self._stop_signal = signum
@@ -470,9 +637,13 @@ class Trainer:
         metrics_f = open(self.out / "metrics.jsonl", "a") if self.is_main else None
         self.model.train()
         it, t_start = None, time.perf_counter()
+        self._t_loop, self._monitor_s = t_start, 0.0
         win_t, win_steps, win_data = time.perf_counter(), 0, 0.0
         pending = None  # (step, loss, tcr, inv, lr) tensors not yet read back
         total_data = 0.0
+        postfix = {}
+        stopped = None  # the monitor record that reached --stop-at
+        monitor_evals = 0
         try:
             for step in range(start, end):
                 epoch, b = divmod(step, self.steps_per_epoch)
@@ -508,9 +679,21 @@ class Trainer:
                         if writer is not None:
                             for k in ("loss", "tcr", "inv", "lr", "images_per_s", "patches_per_s"):
                                 writer.add_scalar(f"train/{k}", rec[k], rec["step"])
-                    bar.set_postfix(loss=f"{rec['loss']:.2f}", lr=f"{rec['lr']:.3g}",
-                                    img_s=f"{rec['images_per_s']:.0f}", p_s=f"{rec['patches_per_s']:.0f}",
-                                    data=f"{100 * rec['data_frac']:.0f}%")
+                    postfix.update(loss=f"{rec['loss']:.2f}", lr=f"{rec['lr']:.3g}",
+                                   img_s=f"{rec['images_per_s']:.0f}", p_s=f"{rec['patches_per_s']:.0f}",
+                                   data=f"{100 * rec['data_frac']:.0f}%")
+                    bar.set_postfix(postfix)
+                if self.monitor is not None and self.monitor.due(self.step, self.total_steps):
+                    mrec = self._monitor(writer, metrics_f)
+                    monitor_evals += 1
+                    win_t = time.perf_counter()  # the throughput window leaves the monitor out
+                    if mrec is not None:
+                        postfix.update(knn=f"{100 * mrec['knn_top1']:.1f}%",
+                                       lin=f"{100 * mrec['linear_top1']:.1f}%")
+                        bar.set_postfix(postfix)
+                    stopped = self._stop_reached(mrec, metrics_f)
+                    if stopped is not None:
+                        break
                 if self.step % self.steps_per_epoch == 0 and not last:
                     self.save()
                 if self._stop_signal is not None:
@@ -525,19 +708,84 @@ class Trainer:
             if metrics_f:
                 metrics_f.close()
         wall = time.perf_counter() - t_start
-        steps = end - start
+        steps = self.step - start
         if self.is_main and steps:
             imgs = steps * d.batch_size
+            train_wall = wall - self._monitor_s
             summary = {"summary": True, "steps": steps, "wall_s": round(wall, 2),
-                       "images_per_s": imgs / wall, "patches_per_s": imgs * n / wall,
-                       "data_wait_frac": total_data / wall, "source": self.source_name,
+                       "train_s": round(self.train_seconds(), 2),
+                       "images_per_s": imgs / train_wall, "patches_per_s": imgs * n / train_wall,
+                       "data_wait_frac": total_data / train_wall, "source": self.source_name,
                        "device": str(self.device), "amp": self.amp, "compile": cfg.run.compile}
+            if self.monitor is not None:
+                summary["monitor_cost"] = {"evals": monitor_evals, "every_steps": self.monitor.every,
+                                      "monitor_s": round(self._monitor_s, 2),
+                                      "share_of_wall": self._monitor_s / wall}
+            if cfg.monitor.stop_at:
+                summary["stop"] = stopped or {"stop_at": cfg.monitor.stop_at, "metric": cfg.monitor.stop_metric,
+                                              "reached": False}
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(summary) + "\n")
+            mon = ""
+            if self.monitor is not None:
+                mon = (f"; monitor {monitor_evals} evals, {self._monitor_s:.1f}s "
+                       f"({100 * self._monitor_s / wall:.1f}% of the wall time)")
             print(f"train: {steps} steps in {wall:.1f}s: {summary['images_per_s']:.0f} images/s, "
                   f"{summary['patches_per_s']:.0f} patches/s, data wait {100 * summary['data_wait_frac']:.1f}% "
-                  f"({self.source_name}, {self.device}, {self.amp}); checkpoint {self.out / 'ckpt.pt'}")
+                  f"({self.source_name}, {self.device}, {self.amp}){mon}; checkpoint {self.out / 'ckpt.pt'}")
+            if stopped is not None:
+                print(f"train: {stopped['metric']} top-1 {100 * stopped['value']:.2f}% >= --stop-at "
+                      f"{100 * stopped['stop_at']:.2f}% at step {stopped['step']} (epoch {stopped['epoch']:.3g}) "
+                      f"after {stopped['train_s']:.1f}s of training")
+            elif cfg.monitor.stop_at and self.step == self.total_steps:
+                print(f"train: the monitor's {cfg.monitor.stop_metric} top-1 never reached --stop-at "
+                      f"{100 * cfg.monitor.stop_at:.2f}%")
         return 0
+
+    def _monitor(self, writer, metrics_f) -> dict | None:
+        """Evaluate the monitor now (rank 0); its record, None on the other ranks. Its time is
+        kept out of the training wall-clock."""
+        if not self.is_main:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # queued training work counts as training
+        t0 = time.perf_counter()
+        train_s = self.train_seconds()
+        acc = self.monitor.evaluate(self.model)  # reads back to the host: synchronized
+        took = time.perf_counter() - t0
+        self._monitor_s += took
+        c = self.cfg.monitor
+        rec = {"monitor": True, "step": self.step, "epoch": self.step / self.steps_per_epoch,
+               "train_s": train_s, **acc, "monitor_s": took, "train_images": self.monitor.counts["train"],
+               "test_images": list(self.monitor.counts.values())[1], "patches": c.patches,
+               "feature": c.feature, "time": time.time()}
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+        if writer is not None:
+            for k in ("knn_top1", "linear_top1", "monitor_s"):
+                writer.add_scalar(f"monitor/{k}", rec[k], rec["step"])
+        return rec
+
+    def _stop_reached(self, rec: dict | None, metrics_f) -> dict | None:
+        """The --stop-at record when rank 0's monitor reached it (every rank learns it), else None."""
+        c = self.cfg.monitor
+        if not c.stop_at:
+            return None
+        key = f"{c.stop_metric}_top1"
+        hit = rec is not None and rec[key] >= c.stop_at
+        if self.world > 1:
+            flag = torch.tensor([int(hit)], device=self.device)
+            dist.broadcast(flag, 0)
+            hit = bool(flag.item())
+        if not hit:
+            return None
+        stop = {"stop": True, "stop_at": c.stop_at, "metric": c.stop_metric, "reached": True,
+                "value": rec[key] if rec else None, "step": self.step,
+                "epoch": self.step / self.steps_per_epoch, "train_s": rec["train_s"] if rec else None}
+        if self.is_main:
+            metrics_f.write(json.dumps(stop) + "\n")
+            metrics_f.flush()
+        return stop
 
     def _record(self, pending, epoch: int, elapsed: float, steps: int, data_s: float) -> dict:
         step, loss, tcr, inv, lr = pending

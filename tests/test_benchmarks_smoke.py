@@ -34,6 +34,12 @@ def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
     tta = json.loads((res / "time_to_accuracy_smoke.json").read_text())
     assert [round(p["epoch"], 2) for p in tta["points"]] == [0.6, 1.0]  # 5 steps/epoch: 3 and 5 steps
     assert all(0 <= p["linear_top1"] <= 1 and p["train_minutes"] > 0 for p in tta["points"])
+    # the monitor's curve from the same run: every half epoch of 5 steps = every 2 steps, and the end
+    mon = tta["monitor"]
+    assert [m["step"] for m in mon] == [2, 4, 5] and all(m["test_images"] == 100 for m in mon)
+    assert all(0 <= m["knn_top1"] <= 1 and 0 <= m["linear_top1"] <= 1 for m in mon)
+    assert [m["train_s"] for m in mon] == sorted(m["train_s"] for m in mon)
+    assert tta["points"][-1]["train_minutes"] * 60 >= mon[-1]["train_s"]
     assert (res / "time_to_accuracy_smoke.png").read_bytes()[:4] == b"\x89PNG"
     report = (res / "REPORT.md").read_text()
     for section in ("Input pipeline", "Training step", "Time to accuracy", "## Loss",
