@@ -48,12 +48,12 @@ from model.checkpoint import CheckpointError, load_checkpoint, load_encoder
 from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
 from model.linear_probe import knn_predict, train_linear_probe
 from pipeline.errors import UserError
-from pipeline.features import extract_features, images_per_call
+from pipeline.features import (class_positions, extract_features, images_per_call, row_batches,
+                               split_rows)
 from pipeline.formats import (MANIFEST_NAME, Manifest, load_manifest, require_format,
                               require_split, save_figure_atomic, sha256_file, write_bytes_atomic,
                               write_json_atomic)
 from pipeline.patches import AugmentParams, flatten_patches, make_patches
-from pipeline.sources.base import epoch_order
 from pipeline.sources.memory import load_memory_arrays
 
 CACHE_VERSION = "emp-ssl-probe-features/1"
@@ -354,43 +354,6 @@ def load_cached(path: Path, key_fields: dict):
         return None
 
 
-def class_positions(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Each row's position within its class: k for the k-th image of that class in the split's
-    order (int64 (N,)). With ``labels`` [2, 0, 2, 1, 0] this is [0, 0, 1, 0, 1]."""
-    labels = np.asarray(labels, dtype=np.int64)
-    order = np.argsort(labels, kind="stable")  # rows grouped by class, split order kept
-    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]])
-    pos = np.empty(len(labels), dtype=np.int64)
-    pos[order] = np.arange(len(labels)) - starts[labels[order]]
-    return pos
-
-
-def split_rows(labels: np.ndarray, *, num_classes: int, batch_size: int, seed: int,
-               max_images: int | None, per_class: list[int] | None) -> np.ndarray:
-    """The dataset rows one split is embedded from, in extraction order (int64).
-
-    All rows in split order; with ``max_images`` the first ``max_images`` of a seeded
-    permutation (a class-sorted split stays balanced); with ``per_class`` only the rows whose
-    position within their class (:func:`class_positions`) is below ``per_class[class]``. The
-    order is the memory source's (``epoch_order``), so the batches, and with them the patches
-    drawn, are the ones probe.py has always used."""
-    order = epoch_order(len(labels), batch_size, 0, 0, seed, max_images is not None, 0, 1,
-                        False).astype(np.int64)
-    if per_class is not None:
-        keep = class_positions(labels, num_classes) < np.asarray(per_class)[labels]
-        order = order[keep[order]]
-    return order[:max_images] if max_images is not None else order
-
-
-def _row_batches(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int,
-                 device: torch.device):
-    """(uint8 (B, H, W, 3), int64 (B,)) on ``device`` for consecutive ``batch_size`` rows."""
-    for i in range(0, len(rows), batch_size):
-        idx = rows[i:i + batch_size]
-        yield (torch.from_numpy(np.ascontiguousarray(images[idx])).to(device),
-               torch.from_numpy(labels[idx]).to(device))
-
-
 @dataclass
 class SplitFeatures:
     features: torch.Tensor  # float32 (N, d), CPU
@@ -433,7 +396,7 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + split_index)
     feats, labels = extract_features(
-        loaded.encoder, _row_batches(images, labels_np, rows, B, device),
+        loaded.encoder, row_batches(images, labels_np, rows, B, device),
         num_patches=cfg.test_patches, patch_size=loaded.patch_size,
         out_size=loaded.out_size, mean=m.mean, std=m.std, augment=augment,
         kind=cfg.feature, generator=gen, device=device, progress=cfg.progress,

@@ -51,7 +51,7 @@ from model.lars import LARS, lars_param_groups
 from model.linear_probe import knn_top1, train_linear_probe
 from model.step import EmpStep, configure_cuda
 from pipeline.errors import UserError
-from pipeline.features import extract_features, images_per_call, subset_rows
+from pipeline.features import extract_features, images_per_call, split_rows
 from pipeline.formats import load_manifest, require_split, write_bytes_atomic
 from pipeline.patches import AugmentParams, make_patches
 from pipeline.sources import SOURCES, build_source
@@ -415,7 +415,8 @@ class Monitor:
             except UserError as e:
                 raise UserError(f"--monitor.every: the monitor reads the memory format: {e}") from None
             index = ("train", "val", "test").index(split)
-            rows = subset_rows(len(labels), cfg.images, cfg.seed + index)  # (M,)
+            rows = split_rows(labels, num_classes=manifest.num_classes, batch_size=self.batch,
+                              seed=cfg.seed + index, max_images=cfg.images, per_class=None)  # (M,)
             self.sets[split] = (torch.from_numpy(np.ascontiguousarray(images[rows])).to(device),
                                 torch.from_numpy(labels[rows]).to(device), index)
         self.counts = {split: len(v[1]) for split, v in self.sets.items()}

@@ -8,8 +8,8 @@ The paper's evaluation feature (Sec. 4), shared by ``probe.py`` (every image of 
 argument and is only called as ``encoder.features(x, kind)``, so this module knows no network
 (pipeline/ never imports model/).
 
-Which images and which patches: ``subset_rows`` is the first M rows of the memory source's
-seeded epoch order (``probe.py --max-images M``); the patches come from one generator seeded by
+Which images and which patches: ``split_rows`` gives the rows, in order (all of a split, or the
+first M of the memory source's seeded epoch order: ``probe.py --max-images M``); the patches come from one generator seeded by
 the caller and drawn batch by batch (``images_per_call`` images per encoder call), so the same
 rows, batch size and seed give the same patches, whichever script asks.
 """
@@ -35,12 +35,41 @@ def images_per_call(extract_batch: int, num_patches: int, out_size: int,
     return max(1, budget // num_patches)
 
 
-def subset_rows(num_images: int, max_images: int, seed: int) -> np.ndarray:
-    """The rows ``probe.py --max-images`` embeds, in its order: the first ``max_images`` of
-    the memory source's seeded permutation of the split (epoch 0; a class-sorted split stays
-    balanced). int64 (min(max_images, num_images),)."""
-    order = epoch_order(num_images, 1, 0, 0, seed, True, 0, 1, False)  # (N,)
-    return order[:max_images].astype(np.int64)
+def class_positions(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each row's position within its class: k for the k-th image of that class in the split's
+    order (int64 (N,)). With ``labels`` [2, 0, 2, 1, 0] this is [0, 0, 1, 0, 1]."""
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")  # rows grouped by class, split order kept
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]])
+    pos = np.empty(len(labels), dtype=np.int64)
+    pos[order] = np.arange(len(labels)) - starts[labels[order]]
+    return pos
+
+
+def split_rows(labels: np.ndarray, *, num_classes: int, batch_size: int, seed: int,
+               max_images: int | None, per_class: list[int] | None) -> np.ndarray:
+    """The dataset rows one split is embedded from, in extraction order (int64).
+
+    All rows in split order; with ``max_images`` the first ``max_images`` of a seeded
+    permutation (a class-sorted split stays balanced); with ``per_class`` only the rows whose
+    position within their class (:func:`class_positions`) is below ``per_class[class]``. The
+    order is the memory source's (``epoch_order``), so the batches, and with them the patches
+    drawn, are the ones probe.py has always used."""
+    order = epoch_order(len(labels), batch_size, 0, 0, seed, max_images is not None, 0, 1,
+                        False).astype(np.int64)
+    if per_class is not None:
+        keep = class_positions(labels, num_classes) < np.asarray(per_class)[labels]
+        order = order[keep[order]]
+    return order[:max_images] if max_images is not None else order
+
+
+def row_batches(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int,
+                 device: torch.device):
+    """(uint8 (B, H, W, 3), int64 (B,)) on ``device`` for consecutive ``batch_size`` rows."""
+    for i in range(0, len(rows), batch_size):
+        idx = rows[i:i + batch_size]
+        yield (torch.from_numpy(np.ascontiguousarray(images[idx])).to(device),
+               torch.from_numpy(labels[idx]).to(device))
 
 
 @torch.no_grad()
