@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -349,7 +350,7 @@ def extract_features(encoder: torch.nn.Module, batches, *, num_patches: int, pat
     """Bag-of-features: per image, the mean of ``kind`` features over ``num_patches`` patches.
 
     ``batches`` yields (uint8 (B, H, W, 3), int64 (B,)) on ``device``. Returns float32 (N, d)
-    and int64 (N,) on the CPU, N = all images (or the first ``max_images``); ``total`` is the
+    and int64 (N,) on ``device`` (they stay there for the probes), N = all images (or the first ``max_images``); ``total`` is the
     number of batches, for the progress bar. ``amp``: "bf16" runs the encoder under bf16
     autocast on bf16 patches, "fp32" in float32; the mean over patches is taken in float32.
     """
@@ -376,7 +377,7 @@ def extract_features(encoder: torch.nn.Module, batches, *, num_patches: int, pat
     bar.close()
     if not feats:
         raise UserError(f"{desc}: the split has no images")
-    return torch.cat(feats).cpu(), torch.cat(labels).cpu()
+    return torch.cat(feats), torch.cat(labels)
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -433,19 +434,38 @@ def split_rows(labels: np.ndarray, *, num_classes: int, batch_size: int, seed: i
     return order[:max_images] if max_images is not None else order
 
 
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _row_batches(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int,
-                 device: torch.device):
-    """(uint8 (B, H, W, 3), int64 (B,)) on ``device`` for consecutive ``batch_size`` rows."""
+                 device: torch.device, chunk_bytes: int = 256 << 20):
+    """(uint8 (B, H, W, 3), int64 (B,)) on ``device`` for consecutive ``batch_size`` rows.
+
+    When the selected rows take at most a quarter of the device's free memory they are copied
+    there once, in extraction order (in ~256 MB pieces), and every batch is a slice of that:
+    no host work or transfer per batch. Otherwise each batch is gathered and copied alone."""
+    labels_dev = torch.from_numpy(labels[rows]).to(device)  # (N,)
+    if len(rows) * images[0].nbytes <= _free_bytes(device) // 4:
+        per = max(1, chunk_bytes // images[0].nbytes)
+        resident = torch.empty((len(rows), *images.shape[1:]), dtype=torch.uint8, device=device)
+        for i in range(0, len(rows), per):  # (N, H, W, 3), in extraction order
+            resident[i:i + per].copy_(torch.from_numpy(np.ascontiguousarray(images[rows[i:i + per]])))
+        for i in range(0, len(rows), batch_size):
+            yield resident[i:i + batch_size], labels_dev[i:i + batch_size]
+        return
     for i in range(0, len(rows), batch_size):
         idx = rows[i:i + batch_size]
         yield (torch.from_numpy(np.ascontiguousarray(images[idx])).to(device),
-               torch.from_numpy(labels[idx]).to(device))
+               labels_dev[i:i + batch_size])
 
 
 @dataclass
 class SplitFeatures:
-    features: torch.Tensor  # float32 (N, d), CPU
-    labels: torch.Tensor  # int64 (N,)
+    features: torch.Tensor  # float32 (N, d), on the probe's device
+    labels: torch.Tensor  # int64 (N,), on the probe's device
     rows: np.ndarray  # int64 (N,): the dataset row of each feature
     positions: np.ndarray  # int64 (N,): each row's position within its class
     cached: bool
@@ -477,8 +497,8 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
     positions = class_positions(labels_np, m.num_classes)[rows]
     path = feature_cache_path(cfg.cache_dir, key_fields)
     hit = load_cached(path, key_fields)
-    if hit is not None and len(hit[1]) == len(rows):
-        return SplitFeatures(hit[0], hit[1], rows, positions, True)
+    if hit is not None and len(hit[1]) == len(rows):  # to the device once, for the probes
+        return SplitFeatures(hit[0].to(device), hit[1].to(device), rows, positions, True)
     if len(rows) == 0:
         raise UserError(f"{ds.root}: no {split} images selected (--test-like keeps none)")
 
@@ -490,7 +510,7 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
         kind=cfg.feature, generator=gen, device=device, progress=cfg.progress,
         desc=f"{m.name}/{split} x{cfg.test_patches} patches", amp=cfg.amp,
         total=-(-len(rows) // B))
-    _save_atomic({"key": key_fields, "features": feats, "labels": labels,
+    _save_atomic({"key": key_fields, "features": feats.cpu(), "labels": labels.cpu(),
                   "device": str(device)}, path)
     return SplitFeatures(feats, labels, rows, positions, False)
 
@@ -575,9 +595,10 @@ def evaluate(loaded: Loaded, ds: Dataset, cfg: ProbeConfig, device: torch.device
                              batch_size=cfg.batch_size, seed=cfg.seed, device=device,
                              progress=cfg.progress, desc=f"{name} linear probe")
     t2 = time.perf_counter()
-    knn_pred = knn_predict(train_x.to(device), train_y, test_x, num_classes=C, k=cfg.knn_k,
-                           temperature=cfg.knn_temperature).cpu()
+    knn_pred = knn_predict(train_x, train_y, test_x, num_classes=C, k=cfg.knn_k,
+                           temperature=cfg.knn_temperature)
     knn_acc = (knn_pred == test_y).sum().item() / len(test_y)
+    knn_pred, test_x, test_y = knn_pred.cpu(), test_x.cpu(), test_y.cpu()  # for plots and JSON
     t3 = time.perf_counter()
     plots = {}
     if cfg.plots:
