@@ -233,6 +233,8 @@ class EmpStep:
                 self.opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the warm-up's cached blocks: the graph has its own pool
             self._graph = torch.cuda.CUDAGraph()
             with torch.enable_grad(), torch.cuda.graph(self._graph):
                 self._static_out = self._body()  # recorded, not run
