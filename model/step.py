@@ -68,8 +68,8 @@ def model_memory_format(model: nn.Module) -> torch.memory_format:
 
 
 class EmpStep:
-    """Callable step. ``net`` is what runs forward (maybe DDP-wrapped; never pre-compiled: pass
-    ``compile=True`` instead), ``model`` the plain module inside it (for BatchNorm handling and
+    """Callable step. ``net`` is what runs forward (maybe DDP-wrapped; pass ``compile=True``
+    rather than a compiled module, which compiles the encoder alone), ``model`` the plain module inside it (for BatchNorm handling and
     the state the CUDA graph saves), ``opt`` the optimizer (LARS for ``compile`` and
     ``cuda_graphs``: they pass the lr as a device tensor to ``opt.step(lr=...)``).
 
