@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -356,8 +357,8 @@ def load_cached(path: Path, key_fields: dict):
 
 @dataclass
 class SplitFeatures:
-    features: torch.Tensor  # float32 (N, d), CPU
-    labels: torch.Tensor  # int64 (N,)
+    features: torch.Tensor  # float32 (N, d), on the probe's device
+    labels: torch.Tensor  # int64 (N,), on the probe's device
     rows: np.ndarray  # int64 (N,): the dataset row of each feature
     positions: np.ndarray  # int64 (N,): each row's position within its class
     cached: bool
@@ -389,8 +390,8 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
     positions = class_positions(labels_np, m.num_classes)[rows]
     path = feature_cache_path(cfg.cache_dir, key_fields)
     hit = load_cached(path, key_fields)
-    if hit is not None and len(hit[1]) == len(rows):
-        return SplitFeatures(hit[0], hit[1], rows, positions, True)
+    if hit is not None and len(hit[1]) == len(rows):  # to the device once, for the probes
+        return SplitFeatures(hit[0].to(device), hit[1].to(device), rows, positions, True)
     if len(rows) == 0:
         raise UserError(f"{ds.root}: no {split} images selected (--test-like keeps none)")
 
@@ -402,7 +403,7 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
         kind=cfg.feature, generator=gen, device=device, progress=cfg.progress,
         desc=f"{m.name}/{split} x{cfg.test_patches} patches", amp=cfg.amp,
         total=-(-len(rows) // B))
-    _save_atomic({"key": key_fields, "features": feats, "labels": labels,
+    _save_atomic({"key": key_fields, "features": feats.cpu(), "labels": labels.cpu(),
                   "device": str(device)}, path)
     return SplitFeatures(feats, labels, rows, positions, False)
 
@@ -487,9 +488,10 @@ def evaluate(loaded: Loaded, ds: Dataset, cfg: ProbeConfig, device: torch.device
                              batch_size=cfg.batch_size, seed=cfg.seed, device=device,
                              progress=cfg.progress, desc=f"{name} linear probe")
     t2 = time.perf_counter()
-    knn_pred = knn_predict(train_x.to(device), train_y, test_x, num_classes=C, k=cfg.knn_k,
-                           temperature=cfg.knn_temperature).cpu()
+    knn_pred = knn_predict(train_x, train_y, test_x, num_classes=C, k=cfg.knn_k,
+                           temperature=cfg.knn_temperature)
     knn_acc = (knn_pred == test_y).sum().item() / len(test_y)
+    knn_pred, test_x, test_y = knn_pred.cpu(), test_x.cpu(), test_y.cpu()  # for plots and JSON
     t3 = time.perf_counter()
     plots = {}
     if cfg.plots:

@@ -28,7 +28,12 @@ and the training wall-clock (the loop's time without the monitor's) at which it 
 """
 from __future__ import annotations
 
+import time
+
+_T_IMPORTS = time.perf_counter()  # the start of this module's imports (torch's included)
+
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,7 +41,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +51,7 @@ import yaml
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
+from model.flops import achieved_tflops, peak_tflops, step_flops_per_patch
 from model.lars import LARS, lars_param_groups
 from model.linear_probe import knn_top1, train_linear_probe
 from model.step import EmpStep, configure_cuda
@@ -59,6 +64,7 @@ from pipeline.sources.base import SourceOptions
 from pipeline.sources.memory import load_memory_arrays
 
 ROOT = Path(__file__).resolve().parent
+IMPORT_S = time.perf_counter() - _T_IMPORTS  # seconds this module's imports took
 
 
 # ----------------------------------------------------------------------------- config
@@ -98,7 +104,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True
-    compile: bool = False  # torch.compile the encoder
+    compile: bool = False  # torch.compile the step: forward + loss as one graph, the LARS update
+    cuda_graphs: bool = False  # capture the whole step as a CUDA graph, replayed every step
+    peak_tflops: float = 0.0  # peak TFLOP/s per GPU for the MFU; 0 = from the GPU's name
     patch_chunk: int = 0  # K > 0: backprop K patch groups at a time (see Trainer._chunked)
     log_every: int = 20  # steps between metric reads (the only host sync in the loop)
     max_steps: int = 0  # stop (with a checkpoint) after this many steps in this invocation
@@ -139,8 +147,8 @@ class TrainConfig:
 # Settings that may change between an interrupted run and its --resume: they do not change the
 # math (the monitor only reads the encoder, with generators of its own).
 RESUME_FREE = {("run", "out"), ("run", "max_steps"), ("run", "log_every"), ("run", "tensorboard"),
-               ("run", "compile"), ("data", "num_workers"),
-               *(("monitor", f.name) for f in dataclasses.fields(MonitorConfig))}
+               ("run", "compile"), ("run", "cuda_graphs"), ("run", "peak_tflops"),
+               ("data", "num_workers"), *(("monitor", f.name) for f in dataclasses.fields(MonitorConfig))}
 
 
 def _load_preset(path: Path, seen=()) -> dict:
@@ -232,6 +240,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--run.amp {cfg.run.amp}: choose auto, bf16 or fp32")
     if cfg.run.patch_chunk < 0 or cfg.run.patch_chunk > d.num_patches:
         raise UserError(f"--patch-chunk {cfg.run.patch_chunk}: must be in [0, num_patches={d.num_patches}]")
+    if cfg.run.cuda_graphs and 0 < cfg.run.patch_chunk < d.num_patches:
+        raise UserError(f"--run.cuda_graphs with --patch-chunk {cfg.run.patch_chunk}: the graph holds "
+                        f"the unchunked step; drop one of the two")
+    if cfg.run.peak_tflops < 0:
+        raise UserError(f"--run.peak_tflops {cfg.run.peak_tflops}: must be >= 0 (0 = from the GPU's name)")
     if cfg.model.stem == "cifar" and d.out_size > 32:
         raise UserError(f"--model.stem cifar with {d.out_size}px patches: the cifar stem is for 32px "
                         f"inputs; use --model.stem imagenet (or a tinyimagenet/imagenet100 preset)")
@@ -279,7 +292,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     p.add_argument("--source", help=f"data source (data.source): auto, {', '.join(SOURCES)}; auto = "
                    "memory when the split fits on the device, else DALI on a GPU, else FFCV")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (run.compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step: forward + loss as "
+                   "one graph and the LARS update (run.compile); --run.cuda_graphs true captures "
+                   "the whole step as a CUDA graph")
     p.add_argument("--patch-chunk", type=int, help="K: backprop K patch groups at a time so n=200 fits "
                    "in less memory; same gradient apart from BatchNorm batch statistics (run.patch_chunk)")
     p.add_argument("--device", help="auto | cpu | cuda (run.device)")
@@ -349,6 +364,31 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise UserError(f"--device {name}: choose auto, cpu or cuda")
     return torch.device(name if name != "cuda" else f"cuda:{local_rank}")
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), interpreter start-up included; None
+    where /proc is missing."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(l.split()[1]) for l in Path("/proc/stat").read_text().splitlines()
+                    if l.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class Spans(dict):
+    """Named wall-clock seconds of a run's start and end: ``with spans("data"): ...`` adds the
+    time the block took to ``spans["data"]``."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -447,9 +487,11 @@ class Monitor:
         seconds its features and its two classifiers took ("features_s", "heads_s")."""
         c = self.cfg
         t0 = time.perf_counter()
-        (train_x, train_y), (test_x, test_y) = self.features(model).values()  # on the CPU: synced
+        (train_x, train_y), (test_x, test_y) = self.features(model).values()  # on the device
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # features_s is the features' time
         t1 = time.perf_counter()
-        knn = knn_top1(train_x.to(self.device), train_y, test_x, test_y, num_classes=self.num_classes,
+        knn = knn_top1(train_x, train_y, test_x, test_y, num_classes=self.num_classes,
                        k=c.knn_k, temperature=c.knn_temperature)
         lin = train_linear_probe(train_x, train_y, test_x, test_y, num_classes=self.num_classes,
                                  epochs=c.epochs, seed=c.seed, device=self.device, progress=False)
@@ -461,6 +503,24 @@ class Monitor:
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool):
         self.cfg = cfg
+        self.spans = spans = Spans()  # where the start-up time goes (summary: "startup_s")
+        with spans("setup"):
+            self._setup(cfg, resume)
+        d = cfg.data
+        with spans("data"):
+            self._build_source(cfg)
+        with spans("model"):
+            self._build_model(cfg, resume)
+        with spans("flop_count"):  # once: the model FLOPs per patch of this step (meta device)
+            self.flops_per_patch = step_flops_per_patch(
+                cfg.model, num_patches=d.num_patches, batch=self.local_batch, out_size=d.out_size,
+                lam=cfg.loss.lam, eps=cfg.loss.eps)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.peak = peak_tflops(name, self.amp, cfg.run.peak_tflops)  # None: no MFU (CPU, unknown GPU)
+        self._stop_signal = None
+        self.time_to_first_step: float | None = None
+
+    def _setup(self, cfg: TrainConfig, resume: bool) -> None:
         self.rank, self.world, local = init_distributed()
         self.is_main = self.rank == 0
         self.device = pick_device(cfg.run.device, local)
@@ -475,7 +535,12 @@ class Trainer:
         self.amp = cfg.run.amp if cfg.run.amp != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         if self.device.type == "cuda":
             configure_cuda()
+        if cfg.run.cuda_graphs and self.world > 1:
+            raise UserError(f"--run.cuda_graphs: captures the one-process step; not under DDP "
+                            f"({self.world} ranks)")
+        self._resume_from = ckpt_path if resume else None
 
+    def _build_source(self, cfg: TrainConfig) -> None:
         d = cfg.data
         self.manifest = load_manifest(d.path)
         info = require_split(self.manifest, d.path, "train")
@@ -505,6 +570,7 @@ class Trainer:
         self.total_steps = max(1, round(cfg.optim.epochs * self.steps_per_epoch))
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
 
+    def _build_model(self, cfg: TrainConfig, resume: bool) -> None:
         torch.manual_seed(cfg.run.seed)
         self.model = build_encoder(cfg.model).to(self.device)
         if cfg.run.channels_last:
@@ -513,6 +579,7 @@ class Trainer:
                         weight_decay=cfg.optim.weight_decay, eta=cfg.optim.eta)
         self.monitor = None
         if cfg.monitor.every:
+            d = cfg.data
             self.monitor = Monitor(cfg.monitor, data_path=d.path, manifest=self.manifest,
                                    patch_size=d.patch_size, out_size=d.out_size, augment=cfg.augment,
                                    device=self.device, amp=self.amp, steps_per_epoch=self.steps_per_epoch)
@@ -520,15 +587,19 @@ class Trainer:
         self.train_s_before = 0.0  # training seconds of earlier invocations of this run (resume)
         self._t_loop, self._monitor_s = None, 0.0
         if resume:
-            self._restore(ckpt_path)
+            self._restore(self._resume_from)
         net = self.model
         if self.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.step_fn = EmpStep(torch.compile(net) if cfg.run.compile else net, self.model, self.opt,
-                               lam=cfg.loss.lam, eps=cfg.loss.eps, amp=self.amp,
-                               patch_chunk=cfg.run.patch_chunk, ddp=net if self.world > 1 else None)
-        self._stop_signal = None
+        graphs = cfg.run.cuda_graphs
+        if graphs and self.device.type != "cuda" and self.is_main:
+            print("train: note: --run.cuda_graphs without CUDA: the same static step runs "
+                  "uncaptured", file=sys.stderr)
+        self.step_fn = EmpStep(net, self.model, self.opt, lam=cfg.loss.lam, eps=cfg.loss.eps,
+                               amp=self.amp, patch_chunk=0 if graphs else cfg.run.patch_chunk,
+                               ddp=net if self.world > 1 else None, compile=cfg.run.compile,
+                               cuda_graphs=graphs)
 
     # -- checkpoints
     def _payload(self) -> dict:
@@ -603,6 +674,20 @@ class Trainer:
     # -- the loop
     def fit(self) -> int:
         cfg = self.cfg
+        with self.spans("run_dir"):  # git commit, config.yaml, TensorBoard writer
+            writer = self._open_run_dir()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._loop(writer)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if writer is not None:
+                writer.close()
+            self.source.close()
+
+    def _open_run_dir(self):
+        cfg = self.cfg
         self.commit = git_commit()
         self.last_good = self.out / "ckpt.pt" if (self.out / "ckpt.pt").exists() else None
         writer = None
@@ -616,15 +701,7 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 writer = SummaryWriter(str(self.out / "tb"))
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return self._loop(writer)
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            if writer is not None:
-                writer.close()
-            self.source.close()
+        return writer
 
     def _loop(self, writer) -> int:
         from tqdm import tqdm
@@ -657,6 +734,8 @@ class Trainer:
                 win_data += dt
                 total_data += dt
                 loss, tcr, inv, lr = self.train_step(batch, step)
+                if step == start:  # one sync: the first step's time (compile, autotune, capture)
+                    self._first_step_done(t0)
                 self.step = step + 1
                 win_steps += 1
                 pending = (step, loss, tcr, inv, lr)
@@ -678,8 +757,10 @@ class Trainer:
                         metrics_f.write(json.dumps(rec) + "\n")
                         metrics_f.flush()
                         if writer is not None:
-                            for k in ("loss", "tcr", "inv", "lr", "images_per_s", "patches_per_s"):
-                                writer.add_scalar(f"train/{k}", rec[k], rec["step"])
+                            for k in ("loss", "tcr", "inv", "lr", "images_per_s", "patches_per_s",
+                                      "tflops", "mfu"):
+                                if k in rec:
+                                    writer.add_scalar(f"train/{k}", rec[k], rec["step"])
                     postfix.update(loss=f"{rec['loss']:.2f}", lr=f"{rec['lr']:.3g}",
                                    img_s=f"{rec['images_per_s']:.0f}", p_s=f"{rec['patches_per_s']:.0f}",
                                    data=f"{100 * rec['data_frac']:.0f}%")
@@ -696,14 +777,16 @@ class Trainer:
                     if stopped is not None:
                         break
                 if self.step % self.steps_per_epoch == 0 and not last:
-                    self.save()
+                    with self.spans("checkpoints"):
+                        self.save()
                 if self._stop_signal is not None:
                     path = self.save()
                     if self.is_main:
                         print(f"\ntrain: stopped by signal {self._stop_signal} at step {self.step}; "
                               f"checkpoint {path}; continue with --resume", file=sys.stderr)
                     return 128 + self._stop_signal
-            self.save()
+            with self.spans("final_checkpoint"):
+                self.save()
         finally:
             bar.close()
             if metrics_f:
@@ -711,37 +794,85 @@ class Trainer:
         wall = time.perf_counter() - t_start
         steps = self.step - start
         if self.is_main and steps:
-            imgs = steps * d.batch_size
-            train_wall = wall - self._monitor_s
-            summary = {"summary": True, "steps": steps, "wall_s": round(wall, 2),
-                       "train_s": round(self.train_seconds(), 2),
-                       "images_per_s": imgs / train_wall, "patches_per_s": imgs * n / train_wall,
-                       "data_wait_frac": total_data / train_wall, "source": self.source_name,
-                       "device": str(self.device), "amp": self.amp, "compile": cfg.run.compile}
-            if self.monitor is not None:
-                summary["monitor_cost"] = {"evals": monitor_evals, "every_steps": self.monitor.every,
-                                      "monitor_s": round(self._monitor_s, 2),
-                                      "share_of_wall": self._monitor_s / wall}
-            if cfg.monitor.stop_at:
-                summary["stop"] = stopped or {"stop_at": cfg.monitor.stop_at, "metric": cfg.monitor.stop_metric,
-                                              "reached": False}
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(summary) + "\n")
-            mon = ""
-            if self.monitor is not None:
-                mon = (f"; monitor {monitor_evals} evals, {self._monitor_s:.1f}s "
-                       f"({100 * self._monitor_s / wall:.1f}% of the wall time)")
-            print(f"train: {steps} steps in {wall:.1f}s: {summary['images_per_s']:.0f} images/s, "
-                  f"{summary['patches_per_s']:.0f} patches/s, data wait {100 * summary['data_wait_frac']:.1f}% "
-                  f"({self.source_name}, {self.device}, {self.amp}){mon}; checkpoint {self.out / 'ckpt.pt'}")
-            if stopped is not None:
-                print(f"train: {stopped['metric']} top-1 {100 * stopped['value']:.2f}% >= --stop-at "
-                      f"{100 * stopped['stop_at']:.2f}% at step {stopped['step']} (epoch {stopped['epoch']:.3g}) "
-                      f"after {stopped['train_s']:.1f}s of training")
-            elif cfg.monitor.stop_at and self.step == self.total_steps:
-                print(f"train: the monitor's {cfg.monitor.stop_metric} top-1 never reached --stop-at "
-                      f"{100 * cfg.monitor.stop_at:.2f}%")
+            self._summary(steps, wall, total_data, monitor_evals, stopped)
         return 0
+
+    def _first_step_done(self, t0: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.spans["first_step"] = time.perf_counter() - t0
+        self.time_to_first_step = process_age_s()  # since the process started; None without /proc
+
+    def _flops_fields(self, patches_per_s: float) -> dict:
+        """Achieved TFLOP/s at a (global) patches/s and, where the peak is known, the MFU."""
+        out = {"tflops": achieved_tflops(patches_per_s, self.flops_per_patch)}
+        if self.peak is not None:
+            out["mfu"] = out["tflops"] / (self.peak.tflops * self.world)
+        return out
+
+    def startup_breakdown(self) -> dict:
+        """Seconds before the first step (and at the end) by phase: interpreter start-up,
+        imports (torch's included), setup, data (load + transfer), model (build, optimizer,
+        restore, compile wrapper), flop_count, run_dir (git, config, TensorBoard), first_step
+        (the first batch, patches and step: compilation, cuDNN autotuning, graph capture)."""
+        out = dict(self.spans)
+        age = process_age_s()
+        if age is not None:
+            out["interpreter"] = age - (time.perf_counter() - _T_IMPORTS)
+        out["imports"] = IMPORT_S
+        return {k: round(v, 3) for k, v in out.items()}
+
+    def _summary(self, steps: int, wall: float, total_data: float, monitor_evals: int = 0,
+                 stopped: dict | None = None) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        imgs, n = steps * d.batch_size, d.num_patches
+        first = self.spans.get("first_step", 0.0)
+        train_wall = wall - self._monitor_s  # the monitor's evaluations are not training
+        # the steady rate: every step after the first (which compiles, autotunes, captures)
+        steady = ((imgs - d.batch_size) * n / (train_wall - first) if steps > 1 and train_wall > first
+                  else imgs * n / train_wall)
+        flops = self._flops_fields(steady)
+        summary = {"summary": True, "steps": steps, "wall_s": round(wall, 2),
+                   "train_s": round(self.train_seconds(), 2),
+                   "images_per_s": imgs / train_wall, "patches_per_s": imgs * n / train_wall,
+                   "patches_per_s_after_first_step": steady, "flops_per_patch": self.flops_per_patch,
+                   **flops, "peak_tflops": self.peak.tflops if self.peak else None,
+                   "peak": self.peak.source if self.peak else None,
+                   "data_wait_frac": total_data / train_wall, "source": self.source_name,
+                   "device": str(self.device), "amp": self.amp, "compile": cfg.run.compile,
+                   "cuda_graphs": cfg.run.cuda_graphs,
+                   "time_to_first_step_s": self.time_to_first_step,
+                   "startup_s": self.startup_breakdown()}
+        if self.monitor is not None:
+            summary["monitor_cost"] = {"evals": monitor_evals, "every_steps": self.monitor.every,
+                                       "monitor_s": round(self._monitor_s, 2),
+                                       "share_of_wall": self._monitor_s / wall}
+        if cfg.monitor.stop_at:
+            summary["stop"] = stopped or {"stop_at": cfg.monitor.stop_at, "metric": cfg.monitor.stop_metric,
+                                          "reached": False}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(summary) + "\n")
+        util = (f", {100 * flops['mfu']:.1f}% MFU of {self.peak.tflops:.0f} ({self.peak.source})"
+                if "mfu" in flops else "")
+        s = summary["startup_s"]
+        phases = ", ".join(f"{k} {s[k]:.1f}" for k in ("imports", "data", "model", "first_step") if k in s)
+        ttfs = (f"; time to first step {self.time_to_first_step:.1f}s ({phases})"
+                if self.time_to_first_step is not None else "")
+        mon = ""
+        if self.monitor is not None:
+            mon = (f"; monitor {monitor_evals} evals, {self._monitor_s:.1f}s "
+                   f"({100 * self._monitor_s / wall:.1f}% of the wall time)")
+        print(f"train: {steps} steps in {wall:.1f}s: {summary['images_per_s']:.0f} images/s, "
+              f"{summary['patches_per_s']:.0f} patches/s ({steady:.0f} after the first step: "
+              f"{flops['tflops']:.3g} TFLOP/s{util}), data wait {100 * summary['data_wait_frac']:.1f}% "
+              f"({self.source_name}, {self.device}, {self.amp}){ttfs}{mon}; checkpoint {self.out / 'ckpt.pt'}")
+        if stopped is not None:
+            print(f"train: {stopped['metric']} top-1 {100 * stopped['value']:.2f}% >= --stop-at "
+                  f"{100 * stopped['stop_at']:.2f}% at step {stopped['step']} (epoch {stopped['epoch']:.3g}) "
+                  f"after {stopped['train_s']:.1f}s of training")
+        elif cfg.monitor.stop_at and self.step == self.total_steps:
+            print(f"train: the monitor's {cfg.monitor.stop_metric} top-1 never reached --stop-at "
+                  f"{100 * cfg.monitor.stop_at:.2f}%")
 
     def _monitor(self, writer, metrics_f) -> dict | None:
         """Evaluate the monitor now (rank 0); its record, None on the other ranks. Its time is
@@ -792,9 +923,10 @@ class Trainer:
         step, loss, tcr, inv, lr = pending
         vals = torch.stack([loss, tcr, inv]).tolist()  # the one host sync, every log_every steps
         imgs = steps * self.cfg.data.batch_size
+        patches_per_s = imgs * self.cfg.data.num_patches / elapsed
         return {"step": step + 1, "epoch": epoch, "loss": vals[0], "tcr": vals[1], "inv": vals[2],
-                "lr": lr, "images_per_s": imgs / elapsed, "patches_per_s": imgs * self.cfg.data.num_patches / elapsed,
-                "data_frac": data_s / elapsed, "time": time.time()}
+                "lr": lr, "images_per_s": imgs / elapsed, "patches_per_s": patches_per_s,
+                **self._flops_fields(patches_per_s), "data_frac": data_s / elapsed, "time": time.time()}
 
 
 def main(argv=None) -> int:

@@ -307,7 +307,7 @@ class Driver:
         elif name == "throughput":
             self.log("training throughput")
             _run([py, "benchmarks/train_throughput.py", "--data", str(self.data.lossless), "--options",
-                  "eager", "--n", "20,200", "--json", str(self.out / "train_throughput.json")],
+                  "eager,compiled,graphs,compiled_graphs", "--n", "200,20", "--json", str(self.out / "train_throughput.json")],
                  self.runs / "throughput.log", self.env)
 
     # -- comparisons

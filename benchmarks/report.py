@@ -70,10 +70,12 @@ def pipeline_table(files) -> list[str]:
 def train_table(files) -> list[str]:
     def cells(r):
         ov = r.get("pipeline_overhead")
+        tf, mfu = r.get("tflops"), r.get("mfu")
         return [r["source"], r["option"], str(r["n"]), r["device"], r.get("amp", ""),
-                _fmt(r["patches_per_s"]), f"{100 * ov:.1f}%" if ov is not None else ""]
-    return _rows_table(files, ["source", "option", "n", "device", "amp", "patches/s", "pipeline overhead"],
-                       ["---"] * 5 + ["---:"] * 2, cells)
+                _fmt(r["patches_per_s"]), f"{100 * ov:.1f}%" if ov is not None else "",
+                f"{tf:.3g}" if tf is not None else "", f"{100 * mfu:.1f}%" if mfu is not None else ""]
+    return _rows_table(files, ["source", "option", "n", "device", "amp", "patches/s", "pipeline overhead",
+                               "TFLOP/s", "MFU"], ["---"] * 5 + ["---:"] * 4, cells)
 
 
 def _times(x, digits: int) -> str:

@@ -1,6 +1,8 @@
 """ResNet backbone + MLP projector: x -> h (pooled features) -> z (L2-normalized embedding).
 
-The backbone is a ResNet built from torchvision's ``BasicBlock`` with a configurable base width
+The backbone is a ResNet of ``BasicBlock``s (the torchvision block: same layers, parameter names
+and construction order, so the same seed gives the same weights; written here so that building
+the model does not import torchvision, seconds of every start-up) with a configurable base width
 (64 gives the standard ResNet-18 with a 512-d ``h``; 16 gives a 128-d ``h`` for fast CPU tests)
 and one of two stems:
 
@@ -24,7 +26,6 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock
 
 ARCH_BLOCKS: dict[str, tuple[int, int, int, int]] = {
     "resnet18": (2, 2, 2, 2),
@@ -76,6 +77,28 @@ class EncoderConfig:
         if unknown:
             raise ValueError(f"EncoderConfig: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+class BasicBlock(nn.Module):
+    """x -> relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); conv1 3x3 / ``stride``,
+    conv2 3x3 / 1, no biases; shortcut = ``downsample`` (1x1 conv + BN) or the identity.
+    (N, inplanes, H, W) -> (N, planes, H / stride, W / stride)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
 
 
 def _make_stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

@@ -15,6 +15,8 @@ rows, batch size and seed give the same patches, whichever script asks.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -63,13 +65,32 @@ def split_rows(labels: np.ndarray, *, num_classes: int, batch_size: int, seed: i
     return order[:max_images] if max_images is not None else order
 
 
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def row_batches(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int,
-                 device: torch.device):
-    """(uint8 (B, H, W, 3), int64 (B,)) on ``device`` for consecutive ``batch_size`` rows."""
+                device: torch.device, chunk_bytes: int = 256 << 20):
+    """(uint8 (B, H, W, 3), int64 (B,)) on ``device`` for consecutive ``batch_size`` rows.
+
+    When the selected rows take at most a quarter of the device's free memory they are copied
+    there once, in extraction order (in ~256 MB pieces), and every batch is a slice of that:
+    no host work or transfer per batch. Otherwise each batch is gathered and copied alone."""
+    labels_dev = torch.from_numpy(labels[rows]).to(device)  # (N,)
+    if len(rows) * images[0].nbytes <= _free_bytes(device) // 4:
+        per = max(1, chunk_bytes // images[0].nbytes)
+        resident = torch.empty((len(rows), *images.shape[1:]), dtype=torch.uint8, device=device)
+        for i in range(0, len(rows), per):  # (N, H, W, 3), in extraction order
+            resident[i:i + per].copy_(torch.from_numpy(np.ascontiguousarray(images[rows[i:i + per]])))
+        for i in range(0, len(rows), batch_size):
+            yield resident[i:i + batch_size], labels_dev[i:i + batch_size]
+        return
     for i in range(0, len(rows), batch_size):
         idx = rows[i:i + batch_size]
         yield (torch.from_numpy(np.ascontiguousarray(images[idx])).to(device),
-               torch.from_numpy(labels[idx]).to(device))
+               labels_dev[i:i + batch_size])
 
 
 @torch.no_grad()
@@ -82,7 +103,8 @@ def extract_features(encoder: torch.nn.Module, batches, *, num_patches: int, pat
     """Bag-of-features: per image, the mean of ``kind`` features over ``num_patches`` patches.
 
     ``batches`` yields (uint8 (B, H, W, 3), int64 (B,)) on ``device``. Returns float32 (N, d)
-    and int64 (N,) on the CPU, N = all images (or the first ``max_images``); ``total`` is the
+    and int64 (N,) on ``device`` (they stay there for the probes), N = all images (or the first
+    ``max_images``); ``total`` is the
     number of batches, for the progress bar. ``amp``: "bf16" runs the encoder under bf16
     autocast on bf16 patches, "fp32" in float32; the mean over patches is taken in float32.
     """
@@ -109,4 +131,4 @@ def extract_features(encoder: torch.nn.Module, batches, *, num_patches: int, pat
     bar.close()
     if not feats:
         raise UserError(f"{desc}: the split has no images")
-    return torch.cat(feats).cpu(), torch.cat(labels).cpu()
+    return torch.cat(feats), torch.cat(labels)

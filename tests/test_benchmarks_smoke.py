@@ -172,3 +172,27 @@ def test_report_sections_only_with_rows(tmp_path):
     assert (res / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert plot_bars([("a", 0.0, "f")], "t", tmp_path / "none.png") is False
     assert not (tmp_path / "none.png").exists()
+
+
+def test_lars_update_benchmark_agrees_with_the_previous_update(tmp_path):
+    out = tmp_path / "lars.json"
+    run_tool("benchmarks/lars_update.py", "--device", "cpu", "--widths", "4", "--projector", "16,8",
+             "--repeats", "1", "--updates", "1", "--threads", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["previous", "foreach", "tensor_lr"]
+    assert all(r["ms_per_update"] > 0 and r["ops_per_update"] > 0 for r in rows)
+    assert all(r["max_param_diff_vs_previous"] < 1e-5 for r in rows)  # the same update
+
+
+def test_startup_benchmark_reports_the_breakdown(cifar_subset_data, tmp_path):
+    out = tmp_path / "startup.json"
+    run_tool("benchmarks/startup.py", "--data", str(cifar_subset_data), "--baseline", "none",
+             "--repeats", "1", "--train-args", "--num-patches 2 --data.batch_size 10 --run.max_steps 1 "
+             "--model.projector 32,16 --run.tensorboard false --device cpu", "--probe-args",
+             "--max-images 20 --test-patches 2 --epochs 2 --no-plots --quiet --device cpu",
+             "--json", str(out))
+    med = json.loads(out.read_text())["median"]["current"]
+    assert med["train_process_s"] > med["train_loop_s"] > 0
+    assert med["time_to_first_step_s"] > 0 and med["startup_s"]["first_step"] > 0
+    assert {"imports", "data", "model", "flop_count"} <= set(med["startup_s"])
+    assert med["probe_process_s"] > med["probe_timings_s"]["total"] > 0

@@ -91,6 +91,31 @@ def test_linear_probe_is_deterministic_and_seeded():
     assert a["history"] != c["history"]
 
 
+def test_linear_probe_graph_epoch_matches_eager():
+    """The static epoch a GPU captures as a CUDA graph (device lr, static order), run uncaptured
+    on the CPU, trains the same classifier as the eager epochs (CUDA: the test below)."""
+    xtr, ytr = clusters(330, spread=3.0)  # 330 = 3 full batches and a partial one
+    xte, yte = clusters(100, seed=1, spread=3.0)
+    kw = dict(num_classes=10, epochs=4, seed=4, progress=False)
+    a = train_linear_probe(xtr, ytr, xte, yte, graph=False, **kw)
+    b = train_linear_probe(xtr, ytr, xte, yte, graph=True, **kw)
+    torch.testing.assert_close(a["weight"], b["weight"], rtol=1e-5, atol=1e-6)
+    assert [h["test_top1"] for h in a["history"]] == [h["test_top1"] for h in b["history"]]
+    assert torch.equal(a["test_pred"], b["test_pred"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_linear_probe_cuda_graph_matches_cpu():
+    xtr, ytr = clusters(330, spread=3.0)
+    xte, yte = clusters(100, seed=1, spread=3.0)
+    kw = dict(num_classes=10, epochs=4, seed=4, progress=False)
+    cpu = train_linear_probe(xtr, ytr, xte, yte, **kw)
+    gpu = train_linear_probe(xtr.cuda(), ytr.cuda(), xte.cuda(), yte.cuda(), device="cuda", **kw)
+    torch.testing.assert_close(cpu["weight"], gpu["weight"], rtol=1e-3, atol=1e-4)
+    assert abs(cpu["final_top1"] - gpu["final_top1"]) <= 0.02
+
+
 def test_linear_probe_rejects_bad_shapes():
     x, y = clusters(10)
     with pytest.raises(ValueError):

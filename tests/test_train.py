@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, run_tool
@@ -41,6 +42,16 @@ def test_loss_decreases_and_outputs_written(cifar_subset_data, tmp_path):
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine decays
     summary = metrics(out)[-1]
     assert summary["summary"] and summary["patches_per_s"] > 0
+    # model FLOPs: counted once; TFLOP/s in every record; no MFU on a CPU (no peak stated)
+    assert summary["flops_per_patch"] > 0 and "mfu" not in summary and summary["peak"] is None
+    assert summary["tflops"] == pytest.approx(
+        summary["patches_per_s_after_first_step"] * summary["flops_per_patch"] / 1e12)
+    assert all(r["tflops"] > 0 and "mfu" not in r for r in rows)
+    # where the start-up went, and the time to the first step (process start to its end)
+    startup = summary["startup_s"]
+    assert {"imports", "data", "model", "flop_count", "first_step", "final_checkpoint"} <= set(startup)
+    assert all(v >= 0 for v in startup.values())
+    assert summary["time_to_first_step_s"] >= startup["first_step"]
     ckpt = load_checkpoint(out / "ckpt.pt")  # weights_only=True inside
     assert ckpt["step"] == 30 and ckpt["patch"] == {"patch_size": 16, "out_size": 32}
     assert ckpt["data"]["classes"][0] == "airplane"
@@ -146,6 +157,53 @@ def test_channels_last_setting_reaches_model_and_inputs(cifar_subset_data, tmp_p
     assert torch.allclose(losses[True], losses[False], rtol=1e-4, atol=1e-4)
 
 
+def test_cuda_graphs_and_peak_flag_on_cpu(cifar_subset_data, tmp_path, capsys):
+    """--run.cuda_graphs without CUDA runs the static step uncaptured (one note line) and trains
+    as the eager step does; --run.peak_tflops gives an MFU on any device."""
+    eager, graphs = tmp_path / "eager", tmp_path / "graphs"
+    assert train.main(small_args(cifar_subset_data, eager, "--run.max_steps", "3")) == 0
+    capsys.readouterr()
+    assert train.main(small_args(cifar_subset_data, graphs, "--run.max_steps", "3",
+                                 "--run.cuda_graphs", "true", "--run.peak_tflops", "0.5")) == 0
+    err = capsys.readouterr().err
+    assert "--run.cuda_graphs without CUDA" in err
+    a, b = [r for r in metrics(eager) if "summary" not in r], [r for r in metrics(graphs) if "summary" not in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-4)
+    ma, mb = load_checkpoint(eager / "ckpt.pt")["model"], load_checkpoint(graphs / "ckpt.pt")["model"]
+    for k in ma:  # the device lr rounds the update differently in the last bit; 3 steps grow
+        # that to ~1e-4 of a weight: compare by norm (a wrong step is O(1) off)
+        rel = ((ma[k].float() - mb[k].float()).norm() / ma[k].float().norm().clamp_min(1e-12)).item()
+        assert rel < 1e-3, (k, rel)
+    summary = metrics(graphs)[-1]
+    assert summary["cuda_graphs"] and summary["peak"] == "--run.peak_tflops"
+    assert summary["mfu"] == pytest.approx(summary["tflops"] / 0.5)
+    assert all(r["mfu"] == pytest.approx(r["tflops"] / 0.5) for r in b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_train_step_has_no_host_sync(cifar_subset_data, tmp_path, graphs):
+    """The whole step on the GPU: patches, forward, fused loss, backward, LARS: no host sync
+    after the first step (eager, and a replayed CUDA graph)."""
+    cfg, _ = train.parse_args([*small_args(cifar_subset_data, tmp_path / "r"), "--device", "cuda",
+                               "--run.cuda_graphs", str(graphs).lower()])
+    tr = train.Trainer(cfg, resume=False)
+    tr.source.set_epoch(0)
+    it = iter(tr.source)
+    tr.train_step(next(it), 0)  # cuDNN autotuning, momentum buffers (graphs: the capture)
+    batch = next(it)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = tr.train_step(batch, 1)[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+
+
 def test_ddp_two_process_gloo(cifar_subset_data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -187,6 +245,10 @@ def test_bad_inputs(cifar_subset_data, tmp_path):
     (big / "manifest.json").write_text(json.dumps(man))
     assert "64x64" in _bad(small_args(big, tmp_path / "o6"))
     assert "cifar stem" in _bad(small_args(cifar_subset_data, tmp_path / "o7", "--data.out_size", "64"))
+    assert "--run.cuda_graphs with --patch-chunk" in _bad(small_args(
+        cifar_subset_data, tmp_path / "o11", "--run.cuda_graphs", "true", "--patch-chunk", "2"))
+    assert "--run.peak_tflops" in _bad(small_args(cifar_subset_data, tmp_path / "o12",
+                                                  "--run.peak_tflops", "-1"))
     # an existing run without --resume
     out = tmp_path / "o8"
     assert train.main(small_args(cifar_subset_data, out, "--epochs", "0.2")) == 0
