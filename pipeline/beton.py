@@ -262,7 +262,8 @@ class BetonWriter:
         self.capacity = capacity
         self.data_start = align_to_page(self.meta_start + capacity * self.meta_type.itemsize,
                                         self.page_size)
-        self.page_data = np.zeros(self.page_size, np.uint8)
+        self.page_data = np.empty(self.page_size, np.uint8)
+        self.page_data.fill(0)  # resident from the start: memory does not creep up with a run
         self.rows = np.zeros(0, self.meta_type)  # metadata rows since the last checkpoint
         self.ptrs = array("q")  # allocation table: (sample i, ptrs[i], sizes[i])
         self.sizes = array("q")
@@ -281,8 +282,8 @@ class BetonWriter:
                                  f"{self.samples} samples")
             if self.page >= 0:  # the page being filled, as written at the checkpoint
                 at = self.data_start + self.page * self.page_size
-                got = os.pread(self.fd, self.page_size, at)
-                self.page_data[:len(got)] = np.frombuffer(got, np.uint8)
+                got = os.pread(self.fd, self.offset, at)
+                self.page_data[:len(got)] = np.frombuffer(got, np.uint8)  # zeros after it
             os.ftruncate(self.fd, self.data_start + (self.page + 1) * self.page_size)
 
     def _malloc(self, size: int) -> tuple[int, np.ndarray]:

@@ -127,10 +127,9 @@ def hardware_and_versions() -> dict:
             "loadavg_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 
-def peak_rss_mib() -> dict:
-    """Peak resident memory so far: this process, and its largest finished child (a worker)."""
-    mib = lambda who: round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux: KiB
-    return {"main": mib(resource.RUSAGE_SELF), "largest_worker": mib(resource.RUSAGE_CHILDREN)}
+def peak_rss_mib() -> float:
+    """This process' peak resident memory so far, MiB (ru_maxrss is in KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _command(argv: list[str]) -> str:

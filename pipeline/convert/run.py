@@ -252,7 +252,7 @@ class _SplitRun:
         work_per_image = opts.resize or settings.want_jpeg or settings.ffcv_jpg
         pool = self.pool if sp.arrays is None or work_per_image else None  # CIFAR pixels as is
         start, n = self.prog.next_index, len(sp)
-        chunksize = max(1, min(DECODE_CHUNK, (n - start) // (opts.workers * 8)))
+        chunksize = max(1, min(DECODE_CHUNK, (n - start) // (opts.workers * 4)))
         results = parallel_map(partial(decode_job, settings=settings), _jobs(self.tree, sp, start),
                                opts.workers, pool, chunksize, window=4 * opts.workers * DECODE_CHUNK)
         bar = tqdm(total=n, initial=start, desc=f"convert {self.split}", unit="img",

@@ -6,8 +6,8 @@
     SplitWriters   the memory and ffcv writers of one split, fed image by image and
                    checkpointed together (the dali shards are written by pipeline.shards)
 
-Memory: a buffer of FLUSH_BYTES for the .npy and one page for the .beton, however many images
-a split has. The .npy is written by offset rather than through a memory map on purpose: the
+Memory: a buffer of FLUSH_BYTES for the .npy and one page for the .beton, both touched when
+allocated, however many images a split has. The .npy is written by offset rather than through a memory map on purpose: the
 dirty pages of a map count as the writer's resident memory until the kernel writes them back,
 so a map of a 19 GB file grows the process towards 19 GB.
 """
@@ -66,6 +66,7 @@ class NpyWriter:
         else:
             self.fd = os.open(self.path, os.O_RDWR)
         self.buf = np.empty((max(1, FLUSH_BYTES // self.row_bytes), *self.shape), np.uint8)
+        self.buf.fill(0)  # resident from the start: memory does not creep up with a run
         self.buffered = 0
 
     def add(self, image: np.ndarray) -> None:
