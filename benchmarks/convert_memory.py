@@ -2,7 +2,7 @@
 ImageFolder of N and then 10 N large JPEGs -- the peak must not grow with N.
 
     python benchmarks/convert_memory.py                                   # 3,000 and 30,000 images
-    python benchmarks/convert_memory.py --sizes 3000,30000 --baseline e05ae46   # + the old converter
+    python benchmarks/convert_memory.py --sizes 3000,9000,30000 --baseline e05ae46 --baseline-max 9000
 
 Images: the lossless CIFAR-10 train PNGs (--source, default ../shared/datasets/cifar10-png.tar.xz,
 or any ImageFolder directory/archive) upscaled to --side (256) px, bicubic, saved as JPEG q90
@@ -21,7 +21,8 @@ ones. Each size is converted by a fresh process (all three formats, --workers), 
                           split in memory must hold (the baseline's design)
 
 and growth_mib = peak(largest N) - peak(smallest N) per figure. --baseline REV converts the same
-folders with the converter of git revision REV (git archive of pipeline/ and tools/) side by side.
+folders with the converter of git revision REV (git archive of pipeline/ and tools/) side by
+side, up to --baseline-max images (a converter that holds a split needs its images' bytes).
 Writes JSON to --json or benchmarks/results/convert_memory_<hostkind>_<date>.json.
 """
 from __future__ import annotations
@@ -74,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="decode workers of the converter")
     p.add_argument("--baseline", default="", metavar="REV",
                    help="also run the converter of this git revision on the same folders")
+    p.add_argument("--baseline-max", type=int, default=0, metavar="N",
+                   help="run the baseline only up to N images (it holds them all in memory); "
+                        "0 = every size")
     p.add_argument("--work", default=str(ROOT / "data" / "convert_memory"),
                    help="scratch directory (the folders are kept for reruns; outputs are not)")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between PSS samples")
@@ -262,6 +266,8 @@ def main(argv=None) -> int:
     rows = []
     for label, code in converters:
         for n in sizes:
+            if label != "streaming" and a.baseline_max and n > a.baseline_max:
+                continue
             folder, jpeg_bytes = folders[n]
             row = {"converter": label, "n": n, "side": a.side,
                    "images_bytes_mib": round((n * a.side * a.side * 3 + jpeg_bytes) / 2**20, 1),
@@ -273,11 +279,12 @@ def main(argv=None) -> int:
                   f"(images+JPEGs {row['images_bytes_mib']:.0f} MiB)", flush=True)
     growth = {}
     for label, _ in converters:
-        lo, hi = (next(r for r in rows if r["converter"] == label and r["n"] == n)
-                  for n in (sizes[0], sizes[-1]))
-        growth[label] = {k: round(hi[k] - lo[k], 1) for k in
-                         ("peak_rss_main_mib", "peak_pss_tree_mib", "images_bytes_mib")}
-        print(f"{label:>18} growth {sizes[0]} -> {sizes[-1]}: {growth[label]}")
+        mine = [r for r in rows if r["converter"] == label]
+        lo, hi = mine[0], mine[-1]
+        growth[label] = {"from_n": lo["n"], "to_n": hi["n"], **{
+            k: round(hi[k] - lo[k], 1) for k in
+            ("peak_rss_main_mib", "peak_pss_tree_mib", "images_bytes_mib")}}
+        print(f"{label:>18} growth {lo['n']} -> {hi['n']}: {growth[label]}")
     result = {**environment(), "what": "tools/convert_datasets.py peak memory and throughput vs "
               "the number of images (flat = streaming)", "source": a.source, "side": a.side,
               "formats": a.formats, "workers": a.workers, "sizes": sizes, "rows": rows,

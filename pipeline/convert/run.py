@@ -182,7 +182,6 @@ class _SplitRun:
         self.formats, self.ffcv_encoding, self.pool = formats, ffcv_encoding, pool
         self.prog, self.beton_state = work.progress(split)
         self.resumed = self.prog.kept
-        self.resumed_index = self.prog.next_index
         self.chunk = ChunkRecord(self.prog.chunks, self.prog.next_index)
         self.shape = next(iter(self.prog.shapes)) if "memory" in formats and self.prog.shapes \
             else None
