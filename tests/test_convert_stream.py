@@ -312,3 +312,46 @@ def test_public_api_and_one_concern_per_module():
     assert set(sizes) >= {"trees.py", "layouts.py", "decode.py", "parallel.py", "writers.py",
                           "resume.py", "verify.py", "run.py", "__init__.py"}
     assert max(sizes.values()) < 450, sizes
+
+
+def test_convert_memory_benchmark_smoke_and_report(cifar_subset_dir, tmp_path):
+    """benchmarks/convert_memory.py end to end at toy scale (beside the converter of this very
+    checkout as its 'baseline'), and report.py's table of it."""
+    from conftest import run_tool
+
+    res = tmp_path / "results"
+    run_tool("benchmarks/convert_memory.py", "--sizes", "20,40", "--side", "48", "--source",
+             str(cifar_subset_dir), "--formats", "memory", "--workers", "1", "--baseline", "HEAD",
+             "--baseline-max", "20", "--work", str(tmp_path / "work"), "--json",
+             str(res / "convert_memory_smoke.json"))
+    d = json.loads((res / "convert_memory_smoke.json").read_text())
+    rows = [(r["converter"], r["n"]) for r in d["rows"]]
+    assert rows == [("streaming", 20), ("streaming", 40), ("baseline HEAD", 20)]
+    assert all(r["peak_rss_main_mib"] > 10 and r["images_per_s"] > 0 for r in d["rows"])
+    assert d["rows"][1]["images_bytes_mib"] > d["rows"][0]["images_bytes_mib"]
+    assert d["growth_mib"]["streaming"]["to_n"] == 40 and "git_commit" in d
+    run_tool("benchmarks/report.py", "--results", str(res))
+    report = (res / "REPORT.md").read_text()
+    assert "## Conversion memory vs the number of images" in report
+    assert sum(l.endswith("| convert_memory_smoke.json |") for l in report.splitlines()) == 3
+
+
+def test_a_stop_while_publishing_is_held_until_the_dataset_is_complete(tmp_path, monkeypatch):
+    """Ctrl-C between dropping the resume state and the final rename would lose a finished
+    conversion: the signal waits until OUT/NAME is complete, then surfaces as Interrupted."""
+    from pipeline.convert import Interrupted
+    from pipeline.convert.resume import WorkDir
+
+    real = WorkDir.drop_state
+
+    def drop_then_ctrl_c(self):
+        os.kill(os.getpid(), signal.SIGINT)  # held back: nothing happens yet
+        real(self)
+
+    monkeypatch.setattr(WorkDir, "drop_state", drop_then_ctrl_c)
+    src = _folder_with_bad_file(tmp_path / "src", n=6, bad=-1)
+    with pytest.raises(Interrupted, match="was complete before the stop"):
+        convert(src, ConvertOptions(name="ds", out=tmp_path / "out", workers=1, progress=False,
+                                    formats=("memory",)))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["ds"]
+    assert verify(tmp_path / "out" / "ds", workers=1, progress=False) == []

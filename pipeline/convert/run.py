@@ -11,10 +11,13 @@ buffer per writer, whatever the number of images.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import tarfile
+import threading
 import time
 import uuid
 import zipfile
@@ -27,7 +30,7 @@ import numpy as np
 
 from .. import shards
 from ..errors import UserError, one_line
-from ..formats import (FORMATS, Manifest, SplitInfo, dali_dir, dali_index_name,
+from ..formats import (FORMATS, MANIFEST_NAME, Manifest, SplitInfo, dali_dir, dali_index_name,
                        dali_shard_name, default_workers, save_manifest, sha256_file)
 from .decode import DecodeSettings, _Bad, decode_job, image_side
 from .layouts import DatasetPlan, SplitPlan, plan_dataset, plan_fingerprint, restrict_classes
@@ -316,17 +319,43 @@ def _mean_std(progress: dict[str, SplitProgress]) -> tuple[list[float], list[flo
     return [float(x) for x in mean / 255.0], [float(x) for x in np.sqrt(var) / 255.0]
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Stop signals (SIGINT, SIGTERM, SIGHUP) arriving inside the block reach their handlers
+    only after it (when in the main thread, the only one Python runs handlers in)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+    old = {s: h for s, h in old.items() if h is not None}  # None: set outside Python, left as is
+    for s in old:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in pending:
+            signal.raise_signal(s)
+
+
 def _publish(work: WorkDir, final: Path, manifest: Manifest) -> None:
-    """manifest.json last, then the work dir becomes OUT/NAME (replacing an old one)."""
-    save_manifest(work.path, manifest)
-    work.drop_state()
-    if final.exists() or final.is_symlink():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-        os.rename(work.path, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work.path, final)
+    """manifest.json last, then the work dir becomes OUT/NAME (replacing an old one). A stop
+    signal arriving meanwhile takes effect once OUT/NAME is complete."""
+    with _stop_signals_held():
+        save_manifest(work.path, manifest)
+        work.drop_state()
+        if final.exists() or final.is_symlink():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(work.path, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(work.path, final)
 
 
 def _failed(work: WorkDir, e: BaseException) -> BaseException | None:
@@ -412,6 +441,9 @@ def convert(source: Path | str, opts: ConvertOptions) -> ConvertResult:
                 tool_version=TOOL_VERSION, source_format=plan.kind, resize=opts.resize)
             _publish(work, final, manifest)
         except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) and (final / MANIFEST_NAME).is_file() \
+                    and not work.path.exists():  # a stop held back by _publish: it is done
+                raise Interrupted(f"{final} was complete before the stop") from None
             instead = _failed(work, e)
             if instead is not None:
                 raise instead from None
