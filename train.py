@@ -71,7 +71,7 @@ IMPORT_S = time.perf_counter() - _T_IMPORTS  # seconds this module's imports too
 @dataclass
 class DataConfig:
     path: str = "data/cifar10"  # converted dataset directory (tools/convert_datasets.py)
-    source: str = "auto"  # auto | memory | dali | ffcv | reference
+    source: str = "auto"  # auto | memory | dali | torchvision | ffcv | reference
     image_size: int = 32  # stored image side this geometry is meant for (checked vs manifest)
     patch_size: int = 16  # P: side of the random fixed-size crops (paper: 16 for CIFAR)
     out_size: int = 32  # S: crops are upsampled to S x S (paper: 32 for CIFAR)
@@ -290,7 +290,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     p.add_argument("--epochs", type=float, help="training epochs (optim.epochs); fractions allowed")
     p.add_argument("--num-patches", type=int, help="n patches per image (data.num_patches; paper 20 or 200)")
     p.add_argument("--source", help=f"data source (data.source): auto, {', '.join(SOURCES)}; auto = "
-                   "memory when the split fits on the device, else DALI on a GPU, else FFCV")
+                   "memory when the split fits on the device, else the JPEG shards on a GPU "
+                   "(DALI when installed, else torchvision's nvJPEG), else FFCV")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the step: forward + loss as "
                    "one graph and the LARS update (run.compile); --run.cuda_graphs true captures "
@@ -399,19 +400,29 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return 0.5 * peak * (1.0 + math.cos(math.pi * t))
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or sys.modules[name] is None
+        return False
+
+
 def choose_source(cfg: DataConfig, split: str, device: torch.device) -> str:
+    """--source auto: memory when the split fits on the device; else the shards on a GPU,
+    decoded by DALI when it is installed and by torchvision (nvJPEG) otherwise; else FFCV
+    (the shards again when FFCV is missing or the dataset has no .beton)."""
     if cfg.source != "auto":
         return cfg.source
     from pipeline.sources.memory import fits_in_memory
 
     if fits_in_memory(cfg.path, split, device):
         return "memory"
-    if device.type == "cuda":
-        try:
-            import nvidia.dali  # noqa: F401
-            return "dali"
-        except ImportError:
-            pass
+    formats = load_manifest(cfg.path).formats
+    shards = "dali" if _installed("nvidia.dali") else "torchvision"
+    if "dali" in formats and (device.type == "cuda" or "ffcv" not in formats
+                              or not _installed("ffcv")):
+        return shards
     return "ffcv"
 
 

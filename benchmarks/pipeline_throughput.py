@@ -8,8 +8,8 @@ per patch, in DataLoader workers), so its step is the next batch alone. For ever
 source: patches/s and images/s, the median over --repeats windows of --steps steps, after
 warm-up, and the best window (steadier where other jobs share the machine). All sources run
 with the same thread budget (--threads: torch intra-op threads, and the worker count of the
-dali/ffcv/reference sources), each in a fresh process. The ratio to the reference measured
-in the same run is printed and saved.
+dali/torchvision/ffcv/reference sources), each in a fresh process. The ratio to the reference
+measured in the same run is printed and saved.
 
 Fair timing of worker pools: the reference hands each whole batch to one worker, so W workers
 deliver W batches at a time; its warm-up and window lengths are rounded up to multiples of W
@@ -67,7 +67,7 @@ def parse_args(argv=None):
                    help="torch threads and source workers for every source; 0 = usable cores")
     p.add_argument("--devices", default="", help="comma-separated; default cpu, plus cuda if present")
     p.add_argument("--image-size", type=int, default=0,
-                   help="dali/ffcv: center-crop size for variable-size datasets")
+                   help="dali/torchvision/ffcv: center-crop size for variable-size datasets")
     p.add_argument("--json", default="", help="output path (default benchmarks/results/...)")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # SOURCE,DEVICE,N: one row, as JSON
@@ -88,7 +88,7 @@ def measure(name: str, root, split: str, device: torch.device, n: int, a, geom: 
     if name == "reference":
         kwargs = dict(num_patches=n, patch_size=geom["p"], out_size=geom["s"], mean=geom["mean"],
                       std=geom["std"], augment=AugmentParams())
-    elif name in ("dali", "ffcv") and a.image_size:
+    elif name in ("dali", "torchvision", "ffcv") and a.image_size:
         kwargs = dict(image_size=a.image_size)
     try:
         source = build_source(name, root, split, opts, **kwargs)

@@ -165,6 +165,14 @@ def atomic_path(path: Path | str):
         raise
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` (any buffer) is at ``offset`` of ``fd``."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` through ``atomic_path``."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

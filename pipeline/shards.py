@@ -22,6 +22,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from .errors import UserError
 from .formats import DALI_EXTENSIONS, atomic_path, dali_index_name, dali_shard_name, write_bytes_atomic
 
@@ -59,15 +61,27 @@ def write_shards(out_dir: Path | str, samples: Iterable[tuple[bytes, int]],
 
     Returns the tar paths in shard order. Every file appears only complete (``atomic_path``:
     temp + rename, the tar before its index); an exception midway (also one raised by the
-    ``samples`` iterator) leaves the shards finished so far and no temp file.
+    ``samples`` iterator) leaves the shards finished so far and no temp file. The iterator is
+    asked for the next sample only once a full shard is on disk, so a caller that counts what
+    it yielded knows which shards are complete.
     """
+    return append_shards(out_dir, samples, samples_per_shard, start=0)
+
+
+def append_shards(out_dir: Path | str, samples: Iterable[tuple[bytes, int]],
+                  samples_per_shard: int, start: int) -> list[Path]:
+    """``write_shards`` continued from sample ``start`` (a multiple of ``samples_per_shard``):
+    the shards before it are left as they are; the first one written is
+    ``start // samples_per_shard``, its first key ``sample_key(start)``."""
     if samples_per_shard < 1:
         raise UserError(f"samples_per_shard={samples_per_shard}: must be >= 1")
+    if start < 0 or start % samples_per_shard:
+        raise ValueError(f"start={start}: not a multiple of samples_per_shard={samples_per_shard}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     it = iter(samples)
-    n = 0
+    n = start
     sample = next(it, _END)
     while sample is not _END:
         shard = n // samples_per_shard
@@ -102,6 +116,31 @@ def index_count(idx_path: Path | str) -> int:
         raise UserError(f"{idx_path}: not a DALI webdataset index ({INDEX_VERSION}); "
                         f"re-convert with --overwrite")
     return int(head[1])
+
+
+INDEX_DTYPE = np.dtype([("jpg_offset", "<i8"), ("jpg_size", "<i8"), ("cls_offset", "<i8"),
+                        ("cls_size", "<i8")])
+
+
+def read_index(idx_path: Path | str) -> np.ndarray:
+    """A shard's index as INDEX_DTYPE (n,): where each sample's .jpg and .cls data lie in its tar."""
+    count = index_count(idx_path)
+    with open(idx_path, "rb") as f:
+        lines = f.read().split(b"\n")[1:1 + count]
+    out = np.zeros(count, INDEX_DTYPE)
+    try:
+        for i, line in enumerate(lines):
+            ext1, off1, size1, _, ext2, off2, size2, _ = line.split()
+            if (ext1.decode(), ext2.decode()) != (_JPG, _CLS):
+                raise ValueError(f"components {ext1!r}, {ext2!r}")
+            out[i] = (int(off1), int(size1), int(off2), int(size2))
+    except ValueError as e:
+        raise UserError(f"{idx_path}: line {i + 2} is not '{_JPG} <offset> <size> <name> "
+                        f"{_CLS} <offset> <size> <name>' ({e}); re-convert with --overwrite") from None
+    if len(lines) != count:
+        raise UserError(f"{idx_path}: {len(lines)} sample lines, the header says {count}; "
+                        f"re-convert with --overwrite")
+    return out
 
 
 def read_shards(shard_dir: Path | str) -> Iterator[tuple[bytes, int]]:

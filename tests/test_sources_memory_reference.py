@@ -36,7 +36,7 @@ def _epoch(source, epoch=0, start_batch=0):
 
 
 def test_build_source_names(cifar_subset_data):
-    assert SOURCES == ("memory", "dali", "ffcv", "reference")
+    assert SOURCES == ("memory", "dali", "torchvision", "ffcv", "reference")
     with pytest.raises(UserError, match="--source"):
         build_source("nope", cifar_subset_data, "train", SourceOptions(batch_size=10))
     src = build_source("memory", cifar_subset_data, "train", SourceOptions(batch_size=10))

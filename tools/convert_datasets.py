@@ -2,11 +2,13 @@
 
     python tools/convert_datasets.py SOURCE --name NAME [--out data] [--formats memory,ffcv,dali]
         [--resize SIDE] [--workers N] [--overwrite] [--skip-bad] [--download] [--classes FILE]
-        [--ffcv-encoding raw|jpg|auto] [--jpeg-quality Q] [--timings-json FILE]
+        [--ffcv-encoding raw|jpg|auto] [--jpeg-quality Q] [--timings-json FILE] [--resume]
     python tools/convert_datasets.py --verify data/NAME
 
-The library code is pipeline/convert.py; this file is the command line. Bad input prints
-`convert_datasets: error: <message>` and exits 2; --verify exits 1 when it finds problems.
+The library code is the package pipeline/convert/; this file is the command line. Bad input
+prints `convert_datasets: error: <message>` and exits 2; --verify exits 1 when it finds
+problems; Ctrl-C / SIGTERM / SIGHUP exit 130 / 143 / 129, keeping the finished chunks for
+--resume.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -23,8 +27,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline.convert import (  # noqa: E402
-    DEFAULT_JPEG_QUALITY, FFCV_RAW_MAX_SIDE, SAMPLES_PER_SHARD, ConvertOptions, convert,
-    default_workers, download_cifar, read_classes_file, verify)
+    DEFAULT_JPEG_QUALITY, FFCV_RAW_MAX_SIDE, SAMPLES_PER_SHARD, ConvertOptions, Interrupted,
+    convert, default_workers, download_cifar, read_classes_file, verify)
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import FORMATS, write_json_atomic  # noqa: E402
 
@@ -39,8 +43,12 @@ Class order: sorted class directory names, or the dataset's own (CIFAR meta, wni
 Any PIL-readable image mode becomes RGB (16-bit scaled to 8, alpha dropped).
 
 Writes OUT/NAME/: manifest.json, <split>.u8.npy + <split>.labels.npy (memory),
-<split>.beton (ffcv), <split>/shard-*.tar + .idx (dali). Exit codes: 0 ok, 1 --verify found
-problems, 2 bad input (one line on stderr).
+<split>.beton (ffcv), <split>/shard-*.tar + .idx (dali). Every format is written as images
+are decoded (memory: workers x image size, not the number of images), into OUT/.NAME.tmp-*,
+renamed to OUT/NAME once complete. A run stopped by a signal or a crash keeps its finished
+chunks (--samples-per-shard images each) there; --resume continues them, to the same bytes an
+uninterrupted run writes. Exit codes: 0 ok, 1 --verify found problems, 2 bad input (one line
+on stderr), 128+N stopped by signal N.
 """
 
 
@@ -86,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SOURCE is cifar10 or cifar100: fetch it with torchvision into "
                         "OUT/.downloads first")
     g.add_argument("--samples-per-shard", type=int, default=SAMPLES_PER_SHARD,
-                   help="images per DALI shard (default: %(default)s)")
+                   help="images per DALI shard, and per checkpoint a --resume continues from "
+                        "(default: %(default)s)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the partial conversion an interrupted or crashed run left in "
+                        "OUT/.NAME.tmp-* (same SOURCE and flags; --skip-bad may be added); "
+                        "finished chunks are not redone. Without one, starts from the beginning")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -114,6 +127,11 @@ def hardware_and_versions() -> dict:
             "loadavg_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 
+def peak_rss_mib() -> float:
+    """This process' peak resident memory so far, MiB (ru_maxrss is in KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _command(argv: list[str]) -> str:
     return shlex.join(["python", "tools/convert_datasets.py", *argv])
 
@@ -136,13 +154,17 @@ def run_convert(args, argv: list[str]) -> int:
         classes=read_classes_file(args.classes) if args.classes else None,
         classes_flag=f"--classes {args.classes}", ffcv_encoding=args.ffcv_encoding,
         jpeg_quality=args.jpeg_quality, samples_per_shard=args.samples_per_shard,
-        progress=not args.no_progress, source_label=label)
+        progress=not args.no_progress, source_label=label, resume=args.resume)
     res = convert(source, opts)
     m, s = res.manifest, res.seconds
     rates = res.images_per_s()
     counts = ", ".join(f"{k} {v.count}" for k, v in m.splits.items())
     print(f"converted {res.images} images ({counts}; {len(m.classes)} classes) from "
           f"{m.source_format} in {s['total']:.1f} s -> {res.root}")
+    if res.decoded != res.images:
+        done = ", ".join(f"{k} {v}" for k, v in res.resumed.items())
+        print(f"  resumed: {res.images - res.decoded} images were done before ({done}); "
+              f"{res.decoded} decoded now (rates below are for those)")
     print(f"  decode      {s['decode']:8.2f} s  {rates['decode']:10.0f} img/s  "
           f"({opts.workers} workers)")
     for fmt in m.formats:
@@ -171,6 +193,7 @@ def run_convert(args, argv: list[str]) -> int:
                         "dali_jpegs_untouched": res.passthrough},
             "seconds": {k: round(v, 3) for k, v in s.items()},
             "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+            "images_decoded": res.decoded, "peak_rss_mib": peak_rss_mib(),
             "notes": "decode = read + decode (+ JPEG encode where needed) in a Pool, shared by "
                      "all formats; <fmt>_write = that writer alone; <fmt>_end_to_end = "
                      "plan + decode + that writer, i.e. converting to that format only"})
@@ -204,6 +227,18 @@ def run_verify(args, argv: list[str]) -> int:
     return 0
 
 
+_SIGNALLED: list[int] = []  # SIGTERM / SIGHUP received (as a program)
+
+
+def _on_signal(signum, frame):
+    """SIGTERM or SIGHUP: stop where the program is, as on Ctrl-C (finished chunks are kept);
+    a second one does not interrupt the clean-up (SIGKILL does)."""
+    _SIGNALLED.append(signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -216,10 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was left behind under the output", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = _SIGNALLED[0] if _SIGNALLED else signal.SIGINT
+        what = "interrupted" if not _SIGNALLED else f"stopped by {signal.Signals(signum).name}"
+        kept = str(e) if isinstance(e, Interrupted) else "nothing was left behind under the output"
+        print(f"{PROG}: {what}; {kept}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGHUP):  # stop cleanly on kill / a closed terminal
+        signal.signal(_sig, _on_signal)
     sys.exit(main())

@@ -2,18 +2,20 @@
 
     memory     the whole split as one uint8 tensor on the device        (memory.py)
     dali       WebDataset JPEG shards, nvJPEG decode (CPU without a GPU)  (dali.py)
+    torchvision  the same shards decoded by torchvision.io.decode_jpeg:
+               nvJPEG on a GPU, libjpeg-turbo on the CPU; no DALI needed  (tvjpeg.py)
     ffcv       a .beton decoded by FFCV threads                          (ffcv.py)
     reference  the paper's CPU path, PIL per patch in DataLoader workers;
                yields the patches themselves (``yields_patches = True``)  (reference.py)
 
-The dali and ffcv modules (and their libraries) are imported only when asked for.
+The dali, torchvision and ffcv modules (and their libraries) are imported only when asked for.
 """
 from __future__ import annotations
 
 from ..errors import UserError
 from .base import Source, SourceOptions
 
-SOURCES = ("memory", "dali", "ffcv", "reference")
+SOURCES = ("memory", "dali", "torchvision", "ffcv", "reference")
 
 
 def build_source(name: str, root, split: str, opts: SourceOptions, **kwargs) -> Source:
@@ -27,6 +29,8 @@ def build_source(name: str, root, split: str, opts: SourceOptions, **kwargs) -> 
         from .memory import MemorySource as cls
     elif name == "dali":
         from .dali import DaliSource as cls
+    elif name == "torchvision":
+        from .tvjpeg import TorchvisionSource as cls
     elif name == "ffcv":
         from .ffcv import FfcvSource as cls
     elif name == "reference":
