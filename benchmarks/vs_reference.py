@@ -44,6 +44,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -210,7 +211,7 @@ def our_timing(run: Path, batch: int, n: int, warmup: int) -> dict:
 class Comparison:
     def __init__(self, a, manifest):
         self.a, self.manifest = a, manifest
-        self.out, self.runs = Path(a.out), Path(a.runs)
+        self.out, self.runs = Path(a.out).resolve(), Path(a.runs).resolve()  # the sides chdir
         self.ref = Path(a.ref_dir).resolve()
         self.data = Path(a.data).resolve()
         count = manifest.splits["train"].count
@@ -227,7 +228,7 @@ class Comparison:
         self.rows: list[dict] = []
         self.hashes_before = ref_hashes(self.ref)
         self.commit, self.commit_from = ref_commit(self.ref, a.ref_commit)
-        self.json_path = Path(a.json) if a.json else self.out / "vs_reference.json"
+        self.json_path = Path(a.json).resolve() if a.json else self.out / "vs_reference.json"
 
     # -- argv of each side
     def their_argv(self, repeat: int) -> list[str]:
@@ -258,7 +259,8 @@ class Comparison:
                 "stats": str(run / "stats.json")}
         code, stats, seconds = run_side(spec, run / "log.txt", self.env)
         if code != 0 or not stats.get("saves"):
-            raise RuntimeError(f"their main.py exited {code} (log {run / 'log.txt'}): {_tail(run / 'log.txt')}")
+            what = f"exited {code}" if code else "saved no save_models/<epoch>.pt checkpoint"
+            raise RuntimeError(f"their main.py {what} (log {run / 'log.txt'}): {_tail(run / 'log.txt')}")
         row = {"side": "theirs", "repeat": repeat, "seed": seed, "process_s": seconds,
                **their_timing(stats, a.bs, a.num_patches, self.warmup),
                **{k: v for k, v in stats.items() if k.startswith("peak_")},  # + largest worker's
@@ -514,6 +516,8 @@ def validate(a):
 
 
 def main(argv=None) -> int:
+    # SIGTERM ends the run like Ctrl-C: the running side's process is killed with it
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     a = parse_args(argv)
     try:
         manifest = validate(a)
