@@ -31,8 +31,11 @@ Timing hooks (host clock): DataLoader.__iter__ (epoch start) and every batch req
 (_BaseDataLoaderIter.__next__: entry and return), and torch.save (start and end). Step i's time
 is from its batch request to the next request (the last one of an epoch raises StopIteration);
 their LARS wrapper reads every parameter's norms on the host each step, so host time follows the
-device. Side "ours" calls train.main(argv). Both write peak memory: this process's max RSS, the
-largest reaped child's (DataLoader workers) and on CUDA torch's peak allocated/reserved bytes.
+device. Side "ours" calls train.main(argv). Both record the CPU seconds (user + system) of the
+training loop: theirs from the first epoch's start to the kept checkpoint, main process and
+DataLoader workers (reaped at each epoch's end); ours around Trainer._loop. Both write peak memory: this process's max RSS, the
+largest reaped child's (their DataLoader workers; forked, so pages shared with the main process
+count in it too) and on CUDA torch's peak allocated/reserved bytes.
 """
 from __future__ import annotations
 
@@ -103,6 +106,12 @@ class Stats:
         write_json_atomic(self.path, self.d)
 
 
+def cpu_times() -> list[float]:
+    """[this process's CPU seconds (user + system, all threads), its reaped children's]."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return [me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime]
+
+
 def peak_memory() -> dict:
     """Max RSS of this process and of its largest reaped child (MiB); CUDA peaks when used."""
     out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -167,6 +176,7 @@ def _hook_timing(stats: Stats, keep_epochs: int) -> None:
 
     def iter_hook(self):
         stats.d["epoch_starts"].append(time.perf_counter())
+        stats.d.setdefault("cpu_at_start", cpu_times())
         stats.d["loader"] = {"num_workers": self.num_workers, "batch_size": self.batch_size,
                              "drop_last": self.drop_last, "dataset_len": len(self.dataset),
                              "batches": len(self)}
@@ -189,7 +199,8 @@ def _hook_timing(stats: Stats, keep_epochs: int) -> None:
         path = Path(str(f)) if isinstance(f, (str, os.PathLike)) else None
         if path is not None and path.parent.name == CHECKPOINT_DIR and path.stem.isdigit():
             epoch = int(path.stem)
-            stats.d["saves"].append({"epoch": epoch, "path": str(path.resolve()), "start": t0, "end": t1})
+            stats.d["saves"].append({"epoch": epoch, "path": str(path.resolve()), "start": t0, "end": t1,
+                                     "cpu": cpu_times()})  # the epoch's workers are reaped by now
             if epoch + 1 >= keep_epochs:
                 stats.d["stopped_after_epochs"] = epoch + 1
                 raise SystemExit(0)
@@ -258,6 +269,16 @@ def run_reference(spec: dict, stats: Stats) -> int:
 def run_ours(spec: dict, stats: Stats) -> int:
     import train
 
+    loop = train.Trainer._loop
+
+    def timed_loop(self, writer):  # CPU time of the training loop alone, as for theirs
+        stats.d["cpu_at_start"] = cpu_times()
+        try:
+            return loop(self, writer)
+        finally:
+            stats.d["cpu_at_end"] = cpu_times()
+
+    train.Trainer._loop = timed_loop
     os.chdir(ROOT)
     stats.d.update(argv=["train.py", *spec["argv"]], t_start=time.perf_counter())
     code = train.main(list(spec["argv"]))

@@ -245,9 +245,9 @@ def vs_reference_rows(files) -> list[str]:
     machine and schedule; patches/s as the median over repeats (range), the ratio per repeat,
     and the probe's linear top-1 of each with the paired difference (ours - theirs)."""
     out = ["| setting | repeats | theirs patches/s | ours patches/s | ours / theirs | steady ours / theirs | "
-           "peak MiB theirs / ours | theirs linear | ours linear | ours - theirs (95% CI) | "
-           "their commit | hardware | date | file |",
-           "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|---|---|"]
+           "patches per CPU s, ours / theirs | peak MiB theirs / ours | theirs linear | ours linear | "
+           "ours - theirs (95% CI) | their commit | hardware | date | file |",
+           "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|---|---|"]
     for path, d in files:
         st, sm = d.get("setting", {}), d.get("summary", {})
         th, us = sm.get("theirs", {}), sm.get("ours", {})
@@ -273,7 +273,8 @@ def vs_reference_rows(files) -> list[str]:
         ref = d.get("reference", {})
         out.append(f"| {setting} | {st.get('repeats', '?')} | {_range(th.get('patches_per_s'))} | "
                    f"{_range(us.get('patches_per_s'))} | {_range(sm.get('speedup_ours_over_theirs'), 2, 'x')} | "
-                   f"{_range(sm.get('steady_speedup_ours_over_theirs'), 2, 'x')} | {mem} | "
+                   f"{_range(sm.get('steady_speedup_ours_over_theirs'), 2, 'x')} | "
+                   f"{_range(sm.get('cpu_efficiency_ours_over_theirs'), 2, 'x')} | {mem} | "
                    f"{_pct(lin['theirs']) if lin else ''} | {_pct(lin['ours']) if lin else ''} | {diff} | "
                    f"{str(ref.get('commit', '?'))[:12]} | {where(d)} | {when(d, path)} | {_name(path)} |")
     return out

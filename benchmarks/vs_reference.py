@@ -30,8 +30,10 @@ both train on the whole split.
 Measured per side: training wall-clock (theirs: first batch request of epoch 0 to the end of the
 kept checkpoint's torch.save; ours: train.py's loop time, final checkpoint included),
 patches/s = steps * B * n / wall, steady patches/s over the steps after the first
-``--warmup-steps``, the share of time spent waiting for data, peak memory (process max RSS, the
-largest DataLoader worker's, and on CUDA torch's peak allocated), and the probe's accuracies.
+``--warmup-steps``, the share of time spent waiting for data, the loop's CPU seconds (user +
+system; theirs with its DataLoader workers) and patches per CPU second (on a shared machine the
+steadier figure), peak memory (process max RSS; theirs also the largest DataLoader worker's,
+shared pages included; on CUDA torch's peak allocated), and the probe's accuracies.
 Their tracked files are hashed before and after (sha256), and a checkout whose tracked files
 differ from its commit is refused. JSON: <out>/vs_reference.json, updated after every side and
 probe (hardware, versions, command, both commits, load average); probe results beside it.
@@ -186,13 +188,24 @@ def their_timing(stats: dict, batch: int, n: int, warmup: int) -> dict:
     after = steps[warmup:] or steps
     steady_s = sum(e - s for s, e, _ in after)
     return {"steps": len(steps), "wall_s": wall, "patches_per_s": len(steps) * batch * n / wall,
+            **_cpu(stats.get("cpu_at_start"), saves[-1].get("cpu"), len(steps) * batch * n),
             "steady_patches_per_s": len(after) * batch * n / steady_s,
             "data_wait_frac": sum(w for _, _, w in steps) / wall,
             "checkpoint_save_s": saves[-1]["end"] - saves[-1]["start"],
             "start_up_s": starts[0] - stats.get("t_start", starts[0])}
 
 
-def our_timing(run: Path, batch: int, n: int, warmup: int) -> dict:
+def _cpu(start, end, patches: int) -> dict:
+    """CPU seconds of the training loop (main process + reaped DataLoader workers) and patches
+    per CPU second: on a shared machine far less sensitive to other jobs than the wall clock."""
+    if not start or not end:
+        return {}
+    main_s, workers_s = end[0] - start[0], end[1] - start[1]
+    return {"cpu_s": main_s + workers_s, "cpu_main_s": main_s, "cpu_workers_s": workers_s,
+            "patches_per_cpu_s": patches / max(main_s + workers_s, 1e-9)}
+
+
+def our_timing(run: Path, batch: int, n: int, warmup: int, stats: dict) -> dict:
     """The same figures from train.py's metrics.jsonl (records every --warmup-steps steps)."""
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
     summary = [r for r in recs if r.get("summary")][-1]
@@ -203,6 +216,7 @@ def our_timing(run: Path, batch: int, n: int, warmup: int) -> dict:
               if last["step"] > first["step"] else summary["patches_per_s"])
     return {"steps": summary["steps"], "wall_s": summary["wall_s"],
             "patches_per_s": summary["patches_per_s"], "steady_patches_per_s": steady,
+            **_cpu(stats.get("cpu_at_start"), stats.get("cpu_at_end"), summary["steps"] * batch * n),
             "data_wait_frac": summary["data_wait_frac"], "final_loss": last.get("loss")}
 
 
@@ -213,6 +227,8 @@ class Comparison:
         self.a, self.manifest = a, manifest
         self.out, self.runs = Path(a.out).resolve(), Path(a.runs).resolve()  # the sides chdir
         self.ref = Path(a.ref_dir).resolve()
+        self.commit, self.commit_from = ref_commit(self.ref, a.ref_commit)  # refuses a modified one
+        self.hashes_before = ref_hashes(self.ref)
         self.data = Path(a.data).resolve()
         count = manifest.splits["train"].count
         self.images_per_epoch = min(count, a.steps * a.bs) if a.steps else count
@@ -226,8 +242,6 @@ class Comparison:
                         CUDA_VISIBLE_DEVICES=one_gpu(a.device, os.environ.get("CUDA_VISIBLE_DEVICES")))
         self.device = "cpu" if a.device == "cpu" else "cuda"
         self.rows: list[dict] = []
-        self.hashes_before = ref_hashes(self.ref)
-        self.commit, self.commit_from = ref_commit(self.ref, a.ref_commit)
         self.json_path = Path(a.json).resolve() if a.json else self.out / "vs_reference.json"
 
     # -- argv of each side
@@ -287,7 +301,7 @@ class Comparison:
         if code != 0:
             raise RuntimeError(f"train.py exited {code} (log {run / 'log.txt'}): {_tail(run / 'log.txt')}")
         return {"side": "ours", "repeat": repeat, "seed": seed, "process_s": seconds,
-                **our_timing(run / "train", a.bs, a.num_patches, self.warmup),
+                **our_timing(run / "train", a.bs, a.num_patches, self.warmup, stats),
                 **{k: v for k, v in stats.items() if k.startswith("peak_") and k != "peak_child_rss_mib"},
                 "argv": stats.get("argv"), "log": str(run / "log.txt"),
                 "checkpoint": str(run / "train" / "ckpt.pt")}
@@ -318,14 +332,17 @@ class Comparison:
             rs = list(by[s].values())
             if rs:
                 out[s] = {k: _spread([r[k] for r in rs]) for k in
-                          ("patches_per_s", "steady_patches_per_s", "wall_s", "data_wait_frac")}
+                          ("patches_per_s", "steady_patches_per_s", "wall_s", "data_wait_frac",
+                           "patches_per_cpu_s") if all(k in r for r in rs)}
                 out[s]["peak_rss_mib"] = max(r.get("peak_rss_mib", 0) for r in rs)
                 if any("peak_cuda_allocated_mib" in r for r in rs):
                     out[s]["peak_cuda_allocated_mib"] = max(r.get("peak_cuda_allocated_mib", 0) for r in rs)
         both = sorted(set(by["theirs"]) & set(by["ours"]))
         for key, name in (("patches_per_s", "speedup_ours_over_theirs"),
-                          ("steady_patches_per_s", "steady_speedup_ours_over_theirs")):
-            ratios = [by["ours"][r][key] / by["theirs"][r][key] for r in both]
+                          ("steady_patches_per_s", "steady_speedup_ours_over_theirs"),
+                          ("patches_per_cpu_s", "cpu_efficiency_ours_over_theirs")):
+            ratios = [by["ours"][r][key] / by["theirs"][r][key] for r in both
+                      if key in by["ours"][r] and key in by["theirs"][r]]
             if ratios:
                 out[name] = {**_spread(ratios), "per_repeat": ratios}
         probed = [r for r in both if "probe" in by["ours"][r] and "probe" in by["theirs"][r]]
@@ -427,9 +444,12 @@ def format_summary(doc: dict) -> str:
             lines.append(f"  {side:<6} {p['median']:,.1f} patches/s (median of {p['n']}; "
                          f"{p['min']:,.1f}-{p['max']:,.1f}), steady {s[side]['steady_patches_per_s']['median']:,.1f}, "
                          f"wall {s[side]['wall_s']['median']:.1f} s")
-    if "speedup_ours_over_theirs" in s:
-        r = s["speedup_ours_over_theirs"]
-        lines.append(f"  ours / theirs: {r['median']:.2f}x (per repeat {', '.join(f'{x:.2f}' for x in r['per_repeat'])})")
+    for key, what in (("speedup_ours_over_theirs", "patches/s"),
+                      ("cpu_efficiency_ours_over_theirs", "patches per CPU second")):
+        if key in s:
+            r = s[key]
+            lines.append(f"  ours / theirs, {what}: {r['median']:.2f}x (per repeat "
+                         f"{', '.join(f'{x:.2f}' for x in r['per_repeat'])})")
     pa = s.get("paired_accuracy")
     if pa:
         for p in pa["pairs"]:
