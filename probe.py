@@ -6,7 +6,9 @@
 
 Protocol (the paper's, Sec. 4): every image of the train and test split is cut into
 ``--test-patches`` patches by the same on-device ``make_patches`` the trainer uses, with the
-checkpoint's patch geometry and the dataset manifest's mean/std; ``--eval-mode augmented``
+checkpoint's patch geometry and the dataset manifest's mean/std (a checkpoint with
+``data.normalize: fixed``, such as the reference code's converted by model/reference_ckpt.py,
+gives its own, for every dataset); ``--eval-mode augmented``
 applies the training augmentations to them (as the paper), ``crops`` only crops. The encoder
 embeds every patch and the image's feature is the mean of its patches' features
 (``--feature backbone``: the ResNet's pooled h; ``pre_projector``: the first projector block,
@@ -274,13 +276,40 @@ class Dataset:
     test_split: str
     test_per_class: list[int] | None = None  # --test-like: test on the first k of each class
     test_like: str | None = None  # the dataset those counts come from
+    normalization: tuple[list[float], list[float], str] | None = None  # (mean, std, from)
+
+    @property
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """The (mean, std) patches are normalized with (see :func:`input_normalization`)."""
+        mean, std, _ = self.normalization or (self.manifest.mean, self.manifest.std, "")
+        return list(mean), list(std)
 
     def describe(self) -> dict:
         m = self.manifest
         return {"name": m.name, "root": str(self.root), "manifest_sha256": self.manifest_sha256,
                 "source": m.source, "num_classes": m.num_classes, "train_split": self.train_split,
                 "test_split": self.test_split, "test_like": self.test_like,
-                "normalization": {"mean": m.mean, "std": m.std, "from": "dataset manifest"}}
+                "normalization": dict(zip(("mean", "std", "from"), self.normalization or
+                                          (m.mean, m.std, "dataset manifest")))}
+
+
+def input_normalization(checkpoint_data: dict | None, manifest: Manifest) -> tuple[list, list, str]:
+    """(mean, std, where from) of the patches fed to the encoder: the dataset manifest's,
+    as train.py normalizes, unless the checkpoint fixes its own (``data.normalize == "fixed"``:
+    a model trained with constants for every dataset, such as the reference code's 0.5 / 0.5,
+    converted by model/reference_ckpt.py); those then apply to every dataset probed."""
+    d = checkpoint_data or {}
+    if d.get("normalize") == "fixed":
+        try:
+            mean, std = [float(x) for x in d["mean"]], [float(x) for x in d["std"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError("checkpoint data.normalize is 'fixed' but data.mean/std are not "
+                                  "3 numbers each") from None
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise CheckpointError(f"checkpoint data.normalize is 'fixed' with mean {mean}, std "
+                                  f"{std}: need 3 numbers each, std > 0")
+        return mean, std, "checkpoint (fixed)"
+    return list(manifest.mean), list(manifest.std), "dataset manifest"
 
 
 def test_like_counts(root: Path, ds: Dataset) -> list[int]:
@@ -299,9 +328,10 @@ def test_like_counts(root: Path, ds: Dataset) -> list[int]:
 
 
 def open_dataset(root: Path, *, test_split: str, patch_size: int, flag: str,
-                 trained_classes=None) -> Dataset:
+                 trained_classes=None, checkpoint_data: dict | None = None) -> Dataset:
     """Check that ``root`` can be probed with this checkpoint; ``trained_classes`` (the
-    checkpoint's data.classes) is given for the dataset the encoder was trained on."""
+    checkpoint's data.classes) is given for the dataset the encoder was trained on;
+    ``checkpoint_data`` (its "data" section) decides the input normalization."""
     manifest = load_manifest(root)
     require_format(manifest, root, "memory")
     if test_split == "auto":
@@ -324,7 +354,8 @@ def open_dataset(root: Path, *, test_split: str, patch_size: int, flag: str,
                 f"the checkpoint was trained on; pass the training data as --data and this "
                 f"dataset as --transfer-to")
     manifest_sha = sha256_file(Path(root) / MANIFEST_NAME)
-    return Dataset(Path(root), manifest, manifest_sha, "train", test_split)
+    return Dataset(Path(root), manifest, manifest_sha, "train", test_split,
+                   normalization=input_normalization(checkpoint_data, manifest))
 
 
 # --------------------------------------------------------------------------- features
@@ -372,6 +403,7 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
     cap = cfg.max_train_images if split == ds.train_split else cfg.max_test_images
     per_class = ds.test_per_class if split == ds.test_split else None
     split_index = ("train", "val", "test").index(split)
+    mean, std = ds.mean_std
     key_fields = {
         "version": CACHE_VERSION, "checkpoint_sha256": loaded.sha256,
         "random_init": cfg.random_init, "dataset": m.name,
@@ -380,7 +412,7 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
         "augment": {k: list(v) if isinstance(v, tuple) else v
                     for k, v in asdict(augment).items()} if augment is not None else None,
         "patch_size": loaded.patch_size, "out_size": loaded.out_size,
-        "mean": list(m.mean), "std": list(m.std), "seed": cfg.seed, "max_images": cap,
+        "mean": mean, "std": std, "seed": cfg.seed, "max_images": cap,
         "per_class": per_class, "amp": cfg.amp,
     }
     images, labels_np = load_memory_arrays(ds.root, split)
@@ -399,7 +431,7 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
     feats, labels = extract_features(
         loaded.encoder, row_batches(images, labels_np, rows, B, device),
         num_patches=cfg.test_patches, patch_size=loaded.patch_size,
-        out_size=loaded.out_size, mean=m.mean, std=m.std, augment=augment,
+        out_size=loaded.out_size, mean=mean, std=std, augment=augment,
         kind=cfg.feature, generator=gen, device=device, progress=cfg.progress,
         desc=f"{m.name}/{split} x{cfg.test_patches} patches", amp=cfg.amp,
         total=-(-len(rows) // B))
@@ -536,14 +568,16 @@ def run(cfg: ProbeConfig) -> dict:
     device = torch.device(cfg.device)
     loaded = load_model(cfg.checkpoint, random_init=cfg.random_init, seed=cfg.seed, device=device)
     ds = open_dataset(cfg.data, test_split=cfg.test_split, patch_size=loaded.patch_size,
-                      flag="--data", trained_classes=loaded.data.get("classes"))
+                      flag="--data", trained_classes=loaded.data.get("classes"),
+                      checkpoint_data=loaded.data)
     if cfg.test_like is not None:
         ds.test_per_class = test_like_counts(cfg.test_like, ds)
         ds.test_like = str(cfg.test_like)
     transfer_ds = None
     if cfg.transfer_to is not None:  # check both datasets before any long work
         transfer_ds = open_dataset(cfg.transfer_to, test_split=cfg.test_split,
-                                   patch_size=loaded.patch_size, flag="--transfer-to")
+                                   patch_size=loaded.patch_size, flag="--transfer-to",
+                                   checkpoint_data=loaded.data)
     cfg.out.mkdir(parents=True, exist_ok=True)
 
     results = {

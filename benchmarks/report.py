@@ -4,10 +4,11 @@
 
 Every figure in the tables carries where (hardware) and when (date) it was measured, taken
 from the JSON that holds it. Recognised files (by name): pipeline*, train_throughput*,
-loss_and_model*, conversion*, convert_memory*, probe*, time_to_accuracy*, reencode*, compare*
-(paired probe comparisons), summary.json (accuracy_runs.py's per-seed aggregates); train_<step>/env_*
-files of accuracy_runs.py are counted, not tabulated; others are listed as unrecognised. A section
-appears only when it has rows. Plots (PNG beside the report):
+loss_and_model*, conversion*, convert_memory*, probe*, time_to_accuracy*, reencode*, vs_reference*
+(the authors' code beside ours: a table and vs_reference.png), compare* (paired probe comparisons),
+summary.json (accuracy_runs.py's per-seed aggregates); train_<step>/env_* files of accuracy_runs.py
+are counted, not tabulated; others are listed as unrecognised. A section appears only when it has
+rows. Plots (PNG beside the report):
 pipeline patches/s per source (the reference source, the paper's PIL path, among them),
 training patches/s per option and source, the fused loss's speed-up over the per-group loop.
 """
@@ -239,6 +240,72 @@ def tta_rows(files) -> list[str]:
     return out
 
 
+def _med(spread) -> float | None:
+    return spread.get("median") if isinstance(spread, dict) else None
+
+
+def _range(spread, digits: int = 1, unit: str = "") -> str:
+    """'12.3 (11.0-13.1)': the median over repeats and its range."""
+    if not isinstance(spread, dict) or "median" not in spread:
+        return ""
+    if spread.get("n", 1) < 2:
+        return f"{spread['median']:,.{digits}f}{unit}"
+    return f"{spread['median']:,.{digits}f}{unit} ({spread['min']:,.{digits}f}-{spread['max']:,.{digits}f})"
+
+
+def vs_reference_rows(files) -> list[str]:
+    """benchmarks/vs_reference.py: the authors' main.py and our train.py on the same data,
+    machine and schedule; patches/s as the median over repeats (range), the ratio per repeat,
+    and the probe's linear top-1 of each with the paired difference (ours - theirs)."""
+    out = ["| setting | repeats | theirs patches/s | ours patches/s | ours / theirs | steady ours / theirs | "
+           "patches per CPU s, ours / theirs | peak MiB theirs / ours | theirs linear | ours linear | "
+           "ours - theirs (95% CI) | their commit | hardware | date | file |",
+           "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|---|---|"]
+    for path, d in files:
+        st, sm = d.get("setting", {}), d.get("summary", {})
+        th, us = sm.get("theirs", {}), sm.get("ours", {})
+        cap = f", {st.get('steps_per_epoch')} steps/epoch" if st.get("steps_cap") else ""
+        setting = (f"n={st.get('num_patches', '?')}, {st.get('batch_images', '?')} images/step, "
+                   f"{st.get('kept_epochs', '?')} of {st.get('schedule_epochs', '?')} epochs{cap}, "
+                   f"{st.get('data_name', '?')} on {st.get('device', '?')}")
+        mem_key = "peak_cuda_allocated_mib" if "peak_cuda_allocated_mib" in th else "peak_rss_mib"
+        mem = (f"{th.get(mem_key, 0):,.0f} / {us.get(mem_key, 0):,.0f}"
+               + (" (CUDA)" if mem_key.startswith("peak_cuda") else " (RSS)")) if th and us else ""
+        lin, diff = {}, ""
+        pa = sm.get("paired_accuracy") or {}
+        if pa.get("pairs"):
+            per = [p["linear"] for p in pa["pairs"]]
+            lin = {"theirs": sum(p["acc_b"] for p in per) / len(per),
+                   "ours": sum(p["acc_a"] for p in per) / len(per)}
+            if len(per) == 1:
+                diff = f"{100 * per[0]['diff']:+.2f} {_ci(per[0]['ci95'])}"
+            else:
+                lin_sum = (pa.get("summary") or {}).get("linear", {})
+                diff = (f"{100 * lin_sum.get('mean_diff', 0):+.2f} "
+                        f"{_ci(lin_sum.get('ci95_t_over_seeds'))} (mean over seeds)")
+        ref = d.get("reference", {})
+        out.append(f"| {setting} | {st.get('repeats', '?')} | {_range(th.get('patches_per_s'))} | "
+                   f"{_range(us.get('patches_per_s'))} | {_range(sm.get('speedup_ours_over_theirs'), 2, 'x')} | "
+                   f"{_range(sm.get('steady_speedup_ours_over_theirs'), 2, 'x')} | "
+                   f"{_range(sm.get('cpu_efficiency_ours_over_theirs'), 2, 'x')} | {mem} | "
+                   f"{_pct(lin['theirs']) if lin else ''} | {_pct(lin['ours']) if lin else ''} | {diff} | "
+                   f"{str(ref.get('commit', '?'))[:12]} | {where(d)} | {when(d, path)} | {_name(path)} |")
+    return out
+
+
+def vs_reference_bars(files) -> list[tuple[str, float, str]]:
+    """(label, median patches/s, file) per side of every theirs-vs-ours result."""
+    rows = []
+    for path, d in files:
+        st, sm = d.get("setting", {}), d.get("summary", {})
+        for side in ("theirs", "ours"):
+            v = _med((sm.get(side) or {}).get("patches_per_s"))
+            if isinstance(v, (int, float)):
+                rows.append((f"{side} n={st.get('num_patches', '?')} b={st.get('batch_images', '?')} "
+                             f"({where(d)})", v, _name(path)))
+    return rows
+
+
 def unique_labels(rows: list[tuple[str, float, str]]) -> list[tuple[str, float]]:
     """(label, value, file) -> (label, value), the file appended to labels that occur more than
     once (matplotlib would draw bars with equal labels on top of each other)."""
@@ -299,7 +366,7 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else res / "REPORT.md"
     groups: dict[str, list] = {"pipeline": [], "train": [], "loss": [], "conversion": [], "probe": [],
                                "tta": [], "reencode": [], "compare": [], "summary": [], "runs": [],
-                               "memory": [], "other": []}
+                               "memory": [], "vs_reference": [], "other": []}
     for path in sorted(res.rglob("*.json")):
         try:
             d = json.loads(path.read_text())
@@ -311,6 +378,7 @@ def main(argv=None) -> int:
                else "loss" if name.startswith("loss_and_model") else "conversion" if name.startswith("conversion")
                else "probe" if name.startswith("probe") else "tta" if name.startswith("time_to_accuracy")
                else "reencode" if name.startswith("reencode") else "compare" if name.startswith("compare")
+               else "vs_reference" if name.startswith("vs_reference")
                else "summary" if name == "summary.json"
                else "runs" if name.startswith(("train_", "env_"))
                else "memory" if name.startswith("convert_memory") else "other")
@@ -327,6 +395,10 @@ def main(argv=None) -> int:
             if plot_bars(rows, plot_title, out.parent / f"{name}.png", **kw):
                 lines.extend([f"![{name}]({name}.png)", ""])
 
+    section("Theirs vs ours: the authors' main.py beside train.py (benchmarks/vs_reference.py)",
+            vs_reference_rows(groups["vs_reference"]),
+            (vs_reference_bars(groups["vs_reference"]), "training patches/s: the authors' code vs ours, "
+             "same data and machine (median over repeats)", "vs_reference", {}))
     section("Dataset conversion", conversion_rows(groups["conversion"]))
     section("Conversion memory vs the number of images (benchmarks/convert_memory.py)",
             convert_memory_table(groups["memory"]))
