@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -56,7 +55,7 @@ from pipeline.features import (class_positions, extract_features, images_per_cal
 from pipeline.formats import (MANIFEST_NAME, Manifest, load_manifest, require_format,
                               require_split, save_figure_atomic, sha256_file, write_bytes_atomic,
                               write_json_atomic)
-from pipeline.patches import AugmentParams, flatten_patches, make_patches
+from pipeline.patches import AugmentParams
 from pipeline.sources.memory import load_memory_arrays
 
 CACHE_VERSION = "emp-ssl-probe-features/1"

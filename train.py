@@ -684,7 +684,6 @@ class Trainer:
 
     # -- the loop
     def fit(self) -> int:
-        cfg = self.cfg
         with self.spans("run_dir"):  # git commit, config.yaml, TensorBoard writer
             writer = self._open_run_dir()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -718,7 +717,6 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, d = self.cfg, self.cfg.data
-        n = d.num_patches
         start = self.step
         end = self.total_steps if not cfg.run.max_steps else min(self.total_steps, start + cfg.run.max_steps)
         bar = tqdm(total=self.total_steps, initial=start, disable=not self.is_main, unit="step",

@@ -31,7 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
 from benchmarks.common import endless, environment, results_path, sync, write_json  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402

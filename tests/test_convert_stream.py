@@ -3,7 +3,6 @@
 finished chunks not redone), the streaming .npy and .beton writers, the package's API."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -349,6 +348,16 @@ def test_a_stop_while_publishing_is_held_until_the_dataset_is_complete(tmp_path,
         real(self)
 
     monkeypatch.setattr(WorkDir, "drop_state", drop_then_ctrl_c)
+    # Ctrl-C as in an interactive shell: a background job (CI started with `&`) inherits an
+    # ignored SIGINT, which would make the kill a no-op
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _stop_while_publishing(tmp_path, Interrupted)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _stop_while_publishing(tmp_path, Interrupted):
     src = _folder_with_bad_file(tmp_path / "src", n=6, bad=-1)
     with pytest.raises(Interrupted, match="was complete before the stop"):
         convert(src, ConvertOptions(name="ds", out=tmp_path / "out", workers=1, progress=False,

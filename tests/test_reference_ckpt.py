@@ -8,7 +8,6 @@ by a mapping written here from that structure. Converted, each loads strictly in
 and gives the same outputs."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_tool
+from conftest import run_tool
 from pipeline.convert import ConvertOptions, convert, resize_center_crop
 from pipeline.errors import UserError
 from pipeline.patches import AugmentParams, make_patches

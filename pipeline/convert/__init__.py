@@ -26,9 +26,8 @@ from .decode import Decoded, DecodeSettings, decode_image, encode_jpeg, pixel_st
 from .layouts import DatasetPlan, SplitPlan, plan_dataset, read_classes_file, restrict_classes
 from .parallel import parallel_map
 from .run import (DEFAULT_JPEG_QUALITY, FFCV_RAW_MAX_SIDE, SAMPLES_PER_SHARD, TOOL_VERSION,
-                  BadImage, ConvertOptions, ConvertResult, Interrupted, convert, download_cifar,
-                  validate_name)
-from .trees import DirTree, TarTree, Tree, ZipTree, open_tree
+                  BadImage, ConvertOptions, ConvertResult, Interrupted, convert, validate_name)
+from .trees import DirTree, TarTree, Tree, ZipTree, download_cifar, open_tree
 from .verify import JPEG_MAX_TOL, JPEG_MEAN_TOL, jpeg_tolerance, verify
 
 __all__ = [

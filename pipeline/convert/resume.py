@@ -20,8 +20,11 @@ differ (another SOURCE, --formats, --resize, ...): the user is told which. A run
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from array import array
 import shutil
 import uuid
@@ -247,3 +250,27 @@ def prepare_work_dir(out: Path, name: str, settings: dict, resume: bool) -> tupl
     match.save_state()
     match.remove_temp_files()
     return match, [f"--resume: continuing the partial conversion in {new}"]
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Stop signals (SIGINT, SIGTERM, SIGHUP) arriving inside the block reach their handlers
+    only after it (when in the main thread, the only one Python runs handlers in)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+    old = {s: h for s, h in old.items() if h is not None}  # None: set outside Python, left as is
+    for s in old:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in pending:
+            signal.raise_signal(s)

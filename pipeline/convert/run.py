@@ -11,13 +11,9 @@ buffer per writer, whatever the number of images.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import tarfile
-import threading
 import time
 import uuid
 import zipfile
@@ -35,7 +31,7 @@ from ..formats import (FORMATS, MANIFEST_NAME, Manifest, SplitInfo, dali_dir, da
 from .decode import DecodeSettings, _Bad, decode_job, image_side
 from .layouts import DatasetPlan, SplitPlan, plan_dataset, plan_fingerprint, restrict_classes
 from .parallel import close_pool, make_pool, parallel_map
-from .resume import STATE_DIR, ChunkRecord, SplitProgress, WorkDir, prepare_work_dir
+from .resume import STATE_DIR, ChunkRecord, SplitProgress, WorkDir, prepare_work_dir, stop_signals_held
 from .trees import Tree, open_tree
 from .writers import SplitWriters
 
@@ -319,34 +315,10 @@ def _mean_std(progress: dict[str, SplitProgress]) -> tuple[list[float], list[flo
     return [float(x) for x in mean / 255.0], [float(x) for x in np.sqrt(var) / 255.0]
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def _stop_signals_held():
-    """Stop signals (SIGINT, SIGTERM, SIGHUP) arriving inside the block reach their handlers
-    only after it (when in the main thread, the only one Python runs handlers in)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    old = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
-    old = {s: h for s, h in old.items() if h is not None}  # None: set outside Python, left as is
-    for s in old:
-        signal.signal(s, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        for s in pending:
-            signal.raise_signal(s)
-
-
 def _publish(work: WorkDir, final: Path, manifest: Manifest) -> None:
     """manifest.json last, then the work dir becomes OUT/NAME (replacing an old one). A stop
     signal arriving meanwhile takes effect once OUT/NAME is complete."""
-    with _stop_signals_held():
+    with stop_signals_held():
         save_manifest(work.path, manifest)
         work.drop_state()
         if final.exists() or final.is_symlink():
@@ -453,27 +425,3 @@ def convert(source: Path | str, opts: ConvertOptions) -> ConvertResult:
     return ConvertResult(final, manifest, seconds, images,
                          {s: p.passthrough for s, p in progress.items()}, plan.notes + notes,
                          decoded=images - sum(resumed.values()), resumed=resumed)
-
-
-def download_cifar(name: str, dest: Path) -> Path:
-    """Fetch CIFAR-10/100 with torchvision into ``dest``; the folder of pickles it unpacks."""
-    try:
-        from torchvision import datasets
-    except ImportError as e:
-        raise UserError(f"--download: needs torchvision ({e})") from None
-    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}.get(name)
-    if cls is None:
-        raise UserError(f"--download {name}: only cifar10 and cifar100 can be downloaded; "
-                        f"otherwise pass a path as SOURCE")
-    dest.mkdir(parents=True, exist_ok=True)
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)
-    try:
-        for train in (True, False):
-            cls(root=str(dest), train=train, download=True)
-    except Exception as e:  # URLError, HTTPError, checksum RuntimeError, ...
-        raise UserError(f"--download {name}: download failed ({one_line(e)}); without network, "
-                        f"fetch {cls.url} yourself and pass that file as SOURCE") from None
-    finally:
-        socket.setdefaulttimeout(old)
-    return dest / cls.base_folder

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 import tarfile
 import tempfile
@@ -244,3 +245,27 @@ def open_tree(source: Path | str, spill_dir: Path | str | None = None) -> Tree:
     if is_tar:
         return TarTree(path, label, spill_dir)
     raise UserError(f"{label}: not a directory or a .tar, .tar.gz, .tar.xz or .zip archive")
+
+
+def download_cifar(name: str, dest: Path) -> Path:
+    """Fetch CIFAR-10/100 with torchvision into ``dest``; the folder of pickles it unpacks."""
+    try:
+        from torchvision import datasets
+    except ImportError as e:
+        raise UserError(f"--download: needs torchvision ({e})") from None
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}.get(name)
+    if cls is None:
+        raise UserError(f"--download {name}: only cifar10 and cifar100 can be downloaded; "
+                        f"otherwise pass a path as SOURCE")
+    dest.mkdir(parents=True, exist_ok=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    try:
+        for train in (True, False):
+            cls(root=str(dest), train=train, download=True)
+    except Exception as e:  # URLError, HTTPError, checksum RuntimeError, ...
+        raise UserError(f"--download {name}: download failed ({one_line(e)}); without network, "
+                        f"fetch {cls.url} yourself and pass that file as SOURCE") from None
+    finally:
+        socket.setdefaulttimeout(old)
+    return dest / cls.base_folder
