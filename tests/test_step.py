@@ -73,11 +73,87 @@ def test_compiled_step_matches_eager_in_one_graph(eager_run):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def initial_parameters():
+    torch.manual_seed(0)
+    return [p.detach().clone() for p in build_encoder(CFG).parameters()]
+
+
+def bias_into_batchnorm() -> set[int]:
+    """Indices of the parameters whose gradient is zero up to rounding: the bias of a Linear
+    that a BatchNorm follows (the projector's hidden layers). LARS's trust ratio scales that
+    rounding noise to a full-size step, so no two implementations agree on its update."""
+    model, out, names = build_encoder(CFG), set(), {}
+    for i, (name, _) in enumerate(model.named_parameters()):
+        names[name] = i
+    for prefix, mod in model.named_modules():
+        kids = list(mod.named_children())
+        for (n1, m1), (_, m2) in zip(kids, kids[1:]):
+            if isinstance(m1, torch.nn.Linear) and m1.bias is not None and isinstance(m2, torch.nn.BatchNorm1d):
+                out.add(names[f"{prefix}.{n1}.bias" if prefix else f"{n1}.bias"])
+    return out
+
+
+def one_step(**kw):
+    global LRS
+    saved, LRS = LRS, LRS[:1]
+    try:
+        return run_steps(**kw)
+    finally:
+        LRS = saved
+
+
+def assert_same_update(a, b, rel=0.05):
+    """One step from the same start, where generated code sums in another order than eager:
+    the loss to 1e-5 relative, and each parameter's update, each BatchNorm buffer and each
+    momentum buffer within ``rel`` of its own norm (measured: <= 2.3% on a CPU), biases into
+    a BatchNorm excepted. A wrong lr or a skipped update moves an update by 17% or more."""
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-4)
+    skip, p0 = bias_into_batchnorm(), initial_parameters()
+    assert skip  # the projector has them: the exception is not vacuous
+
+    def close(x, y, what):
+        x, y = x.double(), y.double()
+        assert (x - y).norm() <= rel * x.norm() + 1e-8, (what, (x - y).norm().item(), x.norm().item())
+
+    for i, (x, y, p) in enumerate(zip(a[1], b[1], p0)):
+        if i not in skip:
+            close(x - p, y - p, f"parameter {i}'s update")
+    for i, (x, y) in enumerate(zip(a[2], b[2])):
+        close(x, y, f"buffer {i}")
+    for i, (x, y) in enumerate(zip(a[3], b[3])):
+        if i not in skip:
+            close(x, y, f"momentum buffer {i}")
+
+
+@pytest.fixture(scope="module")
+def eager_one_step():
+    return one_step()
+
+
+def test_update_check_catches_a_wrong_lr(eager_one_step):
+    """The inductor comparison's tolerance still fails a step taken with another lr."""
+    global LRS
+    saved, LRS = LRS, (0.25,)
+    try:
+        other = run_steps()
+    finally:
+        LRS = saved
+    with pytest.raises(AssertionError, match="update"):
+        assert_same_update(eager_one_step, other)
+
+
 @pytest.mark.slow
-def test_compiled_step_matches_eager_inductor(eager_run):
-    """The real compiler (C++ code on a CPU: minutes on 2 cores, seconds once cached)."""
+def test_compiled_step_matches_eager_inductor(eager_run, eager_one_step):
+    """The real compiler (C++ code on a CPU: minutes on 2 cores, seconds once cached): one step
+    held to the updates (above); three steps to the losses. Later steps are not compared
+    elementwise: in this width-4 net the TCR term saturates after one step (loss ~ -202), the
+    gradients shrink towards rounding level and LARS normalises them to full-size updates, so
+    any two summation orders part ways (measured: ~30% of a conv update after three steps).
+    The three-step traced graph itself is checked to 1e-4 by the aot_eager test above."""
     torch._dynamo.reset()
-    assert_same_run(eager_run, run_steps(compile=True))
+    assert_same_update(eager_one_step, one_step(compile=True))
+    torch._dynamo.reset()
+    torch.testing.assert_close(eager_run[0], run_steps(compile=True)[0], rtol=1e-3, atol=1e-3)
 
 
 def test_flop_count_matches_the_formula():
