@@ -3,8 +3,9 @@
     git clone https://github.com/tsb0601/EMP-SSL ../EMP-SSL            # their code, never copied here
     python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10                # GPU: their README's "1 epoch"
     python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10 --smoke        # CPU, minutes
-    python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10 --bs 10 \\
-        --steps 100 --repeats 3 --probe-args "--test-patches 4 --epochs 10 --max-images 1000"
+    python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10 --bs 4 --steps 300 \\
+        --repeats 3 --device cpu --probe-args "--test-patches 4 --epochs 10 --max-images 1000"
+                                                # the committed CPU measurement: ~1 h on 2 cores
 
 Per repeat r (seed = --seed + r on both sides; the side that goes first alternates):
 
