@@ -4,8 +4,8 @@
     python probe.py --checkpoint runs/cifar10/ckpt.pt --data data/cifar10 --transfer-to data/cifar100
     python probe.py --checkpoint runs/cifar10/ckpt.pt --data data/cifar10 --random-init   # baseline
 
-Protocol (the paper's, Sec. 4): every image of the train and test split is cut into
-``--test-patches`` patches by the same on-device ``make_patches`` the trainer uses, with the
+Protocol (the paper's, Sec. 4; defaults in emp_ssl/protocol.py): every image of the train and
+test split is cut into ``--num-patches`` patches by the same on-device ``make_patches`` the trainer uses, with the
 checkpoint's patch geometry and the dataset manifest's mean/std (a checkpoint with
 ``data.normalize: fixed``, such as the reference code's converted by model/reference_ckpt.py,
 gives its own, for every dataset); ``--eval-mode augmented``
@@ -46,12 +46,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emp_ssl.classifiers import knn_predict, train_linear_probe
+from emp_ssl.cli import print_config, rename_flags
+from emp_ssl.embedding import class_positions, embed, images_per_call, split_rows
+from emp_ssl.protocol import PROBE
+from emp_ssl.runtime import AMP_CHOICES, resolve_amp, resolve_device
 from model.checkpoint import CheckpointError, load_checkpoint, load_encoder
 from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
-from model.linear_probe import knn_predict, train_linear_probe
 from pipeline.errors import UserError
-from pipeline.features import (class_positions, extract_features, images_per_call, row_batches,
-                               split_rows)
 from pipeline.formats import (MANIFEST_NAME, Manifest, load_manifest, require_format,
                               require_split, save_figure_atomic, sha256_file, write_bytes_atomic,
                               write_json_atomic)
@@ -64,6 +66,10 @@ IDENTITY_NOTE = ("a test picture is (class, class_position): the k-th image of i
                  "pickle order for CIFAR pickles); row is its index in the split")
 EVAL_MODES = ("augmented", "crops")
 TSNE_MAX_POINTS = 2000
+# old spelling -> the shared vocabulary (emp_ssl/cli.py); the old ones still work, with a note
+RENAMED_FLAGS = {"--test-patches": "--num-patches", "--epochs": "--probe-epochs",
+                 "--batch-size": "--probe-batch-size", "--lr": "--probe-lr",
+                 "--momentum": "--probe-momentum", "--weight-decay": "--probe-weight-decay"}
 
 
 @dataclass
@@ -76,25 +82,25 @@ class ProbeConfig:
     cache_dir: Path
     transfer_to: Path | None = None
     test_split: str = "auto"  # "auto" = test if the dataset has one, else val
-    test_patches: int = 128
-    eval_mode: str = "augmented"
-    feature: str = "backbone"
+    num_patches: int = PROBE.num_patches
+    eval_mode: str = PROBE.eval_mode
+    feature: str = PROBE.feature
     extract_batch: int = 0  # images per encoder call; 0 = from a patch budget per device
     amp: str = "fp32"  # feature extraction: "bf16" (autocast) or "fp32" (resolved from --amp auto)
-    epochs: int = 100
-    batch_size: int = 100
-    lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    probe_epochs: int = PROBE.probe_epochs
+    probe_batch_size: int = PROBE.probe_batch_size
+    probe_lr: float = PROBE.probe_lr
+    probe_momentum: float = PROBE.probe_momentum
+    probe_weight_decay: float = PROBE.probe_weight_decay
+    knn_k: int = PROBE.knn_k
+    knn_temperature: float = PROBE.knn_temperature
     random_init: bool = False
     device: str = "cpu"
     max_train_images: int | None = None  # seeded random subset of the train split
     max_test_images: int | None = None  # ... of the test split
     test_like: Path | None = None  # test only on the pictures this dataset's test split holds
     plots: bool = True
-    seed: int = 0
+    seed: int = PROBE.seed
     progress: bool = True
 
     def to_json(self) -> dict:
@@ -131,45 +137,48 @@ def build_parser() -> argparse.ArgumentParser:
                          "probe the JPEG copy on the twins of the 1,000 lossless test pictures")
 
     fx = p.add_argument_group("bag-of-features embedding")
-    fx.add_argument("--test-patches", type=int, default=128,
+    fx.add_argument("--num-patches", type=int, default=PROBE.num_patches,
                     help="patches per image; feature(image) = mean_i f(patch_i) (paper: 128)")
-    fx.add_argument("--eval-mode", default="augmented", choices=EVAL_MODES,
+    fx.add_argument("--eval-mode", default=PROBE.eval_mode, choices=EVAL_MODES,
                     help="augmented = the training augmentations (paper); crops = crops only")
-    fx.add_argument("--feature", default="pre_projector", choices=FEATURE_KINDS,
+    fx.add_argument("--feature", default=PROBE.feature, choices=FEATURE_KINDS,
                     help="pre_projector (default) = first projector block (Linear+BN+ReLU), what "
-                         "the reference code averages; backbone = pooled ResNet h, the paper's text. "
-                         "Measured on an H100 10-epoch CIFAR-10 checkpoint (128 patches): "
-                         "pre_projector 83.97%% vs backbone 83.33%% linear top-1")
+                         "the reference code averages; backbone = pooled ResNet h, the paper's text")
     fx.add_argument("--extract-batch", type=int, default=0,
-                    help="images per encoder call (x test-patches patches); 0 = auto")
-    fx.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
+                    help="images per encoder call (x num-patches patches); 0 = auto")
+    fx.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                     help="extraction precision: auto = bf16 autocast on CUDA (2.5x faster), fp32 "
                          "on CPU; fp32 = the reference code's. Part of the feature-cache key")
 
     lp = p.add_argument_group("linear probe: SGD with lr_e = lr (1 + cos(pi e / epochs)) / 2")
-    lp.add_argument("--epochs", type=int, default=100)
-    lp.add_argument("--batch-size", type=int, default=100)
-    lp.add_argument("--lr", type=float, default=0.03)
-    lp.add_argument("--momentum", type=float, default=0.9)
-    lp.add_argument("--weight-decay", type=float, default=5e-5)
+    lp.add_argument("--probe-epochs", type=int, default=PROBE.probe_epochs,
+                    help="epochs of the linear classifier (was --epochs)")
+    lp.add_argument("--probe-batch-size", type=int, default=PROBE.probe_batch_size)
+    lp.add_argument("--probe-lr", type=float, default=PROBE.probe_lr)
+    lp.add_argument("--probe-momentum", type=float, default=PROBE.probe_momentum)
+    lp.add_argument("--probe-weight-decay", type=float, default=PROBE.probe_weight_decay)
 
     kn = p.add_argument_group("kNN: votes of the k nearest (cosine) weighted by exp(sim / T)")
-    kn.add_argument("--knn-k", type=int, default=20)
-    kn.add_argument("--knn-temperature", type=float, default=0.07)
+    kn.add_argument("--knn-k", type=int, default=PROBE.knn_k)
+    kn.add_argument("--knn-temperature", type=float, default=PROBE.knn_temperature)
 
     ru = p.add_argument_group("run")
     ru.add_argument("--random-init", action="store_true",
                     help="baseline: the checkpoint's architecture, freshly initialized (seeded)")
-    ru.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ru.add_argument("--seed", type=int, default=0,
+    ru.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K")
+    ru.add_argument("--seed", type=int, default=PROBE.seed,
                     help="seeds the patches, the subset, the probe and the random init")
     ru.add_argument("--quiet", action="store_true", help="no progress bars")
+    ru.add_argument("--print-config", action="store_true",
+                    help="print the resolved configuration and exit")
     return p
 
 
-def resolve_config(argv: list[str] | None = None) -> ProbeConfig:
-    a = build_parser().parse_args(argv)
-    for name in ("test_patches", "epochs", "batch_size", "knn_k"):
+def resolve_config(argv: list[str] | None = None) -> tuple[ProbeConfig, bool]:
+    """(the configuration, whether --print-config was given)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = build_parser().parse_args(rename_flags(argv, RENAMED_FLAGS, "probe"))
+    for name in ("num_patches", "probe_epochs", "probe_batch_size", "knn_k"):
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     for flag in ("max_images", "max_train_images", "max_test_images"):
@@ -179,27 +188,22 @@ def resolve_config(argv: list[str] | None = None) -> ProbeConfig:
     max_test = a.max_test_images if a.max_test_images is not None else a.max_images
     if a.extract_batch < 0:
         raise UserError(f"--extract-batch must be >= 0, got {a.extract_batch}")
-    if a.knn_temperature <= 0 or a.lr <= 0:
-        raise UserError("--knn-temperature and --lr must be > 0")
-    if a.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif a.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    else:
-        device = a.device
+    if a.knn_temperature <= 0 or a.probe_lr <= 0:
+        raise UserError("--knn-temperature and --probe-lr must be > 0")
+    device = resolve_device(a.device)
     run_dir = a.checkpoint.parent
     out = a.out or run_dir / ("probe-random-init" if a.random_init else "probe")
     return ProbeConfig(
         checkpoint=a.checkpoint, data=a.data, out=out,
         cache_dir=a.cache_dir or run_dir / "features", transfer_to=a.transfer_to,
-        test_split=a.test_split, test_patches=a.test_patches, eval_mode=a.eval_mode,
-        feature=a.feature, extract_batch=a.extract_batch,
-        amp=a.amp if a.amp != "auto" else ("bf16" if device == "cuda" else "fp32"), epochs=a.epochs,
-        batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+        test_split=a.test_split, num_patches=a.num_patches, eval_mode=a.eval_mode,
+        feature=a.feature, extract_batch=a.extract_batch, amp=resolve_amp(a.amp, device),
+        probe_epochs=a.probe_epochs, probe_batch_size=a.probe_batch_size, probe_lr=a.probe_lr,
+        probe_momentum=a.probe_momentum, probe_weight_decay=a.probe_weight_decay,
         knn_k=a.knn_k, knn_temperature=a.knn_temperature, random_init=a.random_init,
-        device=device, max_train_images=max_train, max_test_images=max_test,
+        device=str(device), max_train_images=max_train, max_test_images=max_test,
         test_like=a.test_like, plots=not a.no_plots, seed=a.seed,
-        progress=not a.quiet)
+        progress=not a.quiet), a.print_config
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -401,13 +405,12 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
     augment = loaded.augment if cfg.eval_mode == "augmented" else None
     cap = cfg.max_train_images if split == ds.train_split else cfg.max_test_images
     per_class = ds.test_per_class if split == ds.test_split else None
-    split_index = ("train", "val", "test").index(split)
     mean, std = ds.mean_std
     key_fields = {
         "version": CACHE_VERSION, "checkpoint_sha256": loaded.sha256,
         "random_init": cfg.random_init, "dataset": m.name,
         "dataset_manifest_sha256": ds.manifest_sha256, "split": split, "feature": cfg.feature,
-        "test_patches": cfg.test_patches, "eval_mode": cfg.eval_mode,
+        "test_patches": cfg.num_patches, "eval_mode": cfg.eval_mode,
         "augment": {k: list(v) if isinstance(v, tuple) else v
                     for k, v in asdict(augment).items()} if augment is not None else None,
         "patch_size": loaded.patch_size, "out_size": loaded.out_size,
@@ -415,8 +418,8 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
         "per_class": per_class, "amp": cfg.amp,
     }
     images, labels_np = load_memory_arrays(ds.root, split)
-    B = images_per_call(cfg.extract_batch, cfg.test_patches, loaded.out_size, device, cfg.amp)
-    rows = split_rows(labels_np, num_classes=m.num_classes, batch_size=B, seed=cfg.seed + split_index,
+    B = images_per_call(cfg.extract_batch, cfg.num_patches, loaded.out_size, device, cfg.amp)
+    rows = split_rows(labels_np, split, num_classes=m.num_classes, batch_size=B, seed=cfg.seed,
                       max_images=cap, per_class=per_class)
     positions = class_positions(labels_np, m.num_classes)[rows]
     path = feature_cache_path(cfg.cache_dir, key_fields)
@@ -426,14 +429,12 @@ def split_features(loaded: Loaded, ds: Dataset, split: str, cfg: ProbeConfig,
     if len(rows) == 0:
         raise UserError(f"{ds.root}: no {split} images selected (--test-like keeps none)")
 
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + split_index)
-    feats, labels = extract_features(
-        loaded.encoder, row_batches(images, labels_np, rows, B, device),
-        num_patches=cfg.test_patches, patch_size=loaded.patch_size,
-        out_size=loaded.out_size, mean=mean, std=std, augment=augment,
-        kind=cfg.feature, generator=gen, device=device, progress=cfg.progress,
-        desc=f"{m.name}/{split} x{cfg.test_patches} patches", amp=cfg.amp,
-        total=-(-len(rows) // B))
+    feats = embed(images, loaded.encoder, rows=rows, num_patches=cfg.num_patches,
+                  feature=cfg.feature, eval_mode=cfg.eval_mode, augment=augment,
+                  patch_size=loaded.patch_size, out_size=loaded.out_size, mean=mean, std=std,
+                  seed=cfg.seed, split=split, batch_size=B, amp=cfg.amp, device=device,
+                  progress=cfg.progress, desc=f"{m.name}/{split} x{cfg.num_patches} patches")
+    labels = torch.from_numpy(labels_np[rows]).to(device)
     _save_atomic({"key": key_fields, "features": feats.cpu(), "labels": labels.cpu(),
                   "device": str(device)}, path)
     return SplitFeatures(feats, labels, rows, positions, False)
@@ -514,9 +515,10 @@ def evaluate(loaded: Loaded, ds: Dataset, cfg: ProbeConfig, device: torch.device
     train_x, train_y, test_x, test_y = tr.features, tr.labels, te.features, te.labels
     t1 = time.perf_counter()
     C = ds.manifest.num_classes
-    lin = train_linear_probe(train_x, train_y, test_x, test_y, num_classes=C, epochs=cfg.epochs,
-                             lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                             batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+    lin = train_linear_probe(train_x, train_y, test_x, test_y, num_classes=C,
+                             epochs=cfg.probe_epochs, lr=cfg.probe_lr, momentum=cfg.probe_momentum,
+                             weight_decay=cfg.probe_weight_decay,
+                             batch_size=cfg.probe_batch_size, seed=cfg.seed, device=device,
                              progress=cfg.progress, desc=f"{name} linear probe")
     t2 = time.perf_counter()
     knn_pred = knn_predict(train_x, train_y, test_x, num_classes=C, k=cfg.knn_k,
@@ -581,11 +583,12 @@ def run(cfg: ProbeConfig) -> dict:
 
     results = {
         "checkpoint": loaded.meta, "random_init": cfg.random_init, "feature": cfg.feature,
-        "test_patches": cfg.test_patches, "eval_mode": cfg.eval_mode, "seed": cfg.seed,
+        "test_patches": cfg.num_patches, "eval_mode": cfg.eval_mode, "seed": cfg.seed,
         "device": str(device), "amp": cfg.amp,
         "max_images": {"train": cfg.max_train_images, "test": cfg.max_test_images},
-        "probe": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                  "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+        "probe": {"epochs": cfg.probe_epochs, "batch_size": cfg.probe_batch_size,
+                  "lr": cfg.probe_lr, "momentum": cfg.probe_momentum,
+                  "weight_decay": cfg.probe_weight_decay,
                   "schedule": "cosine per epoch", "features": "raw (not standardized)",
                   "knn_k": cfg.knn_k, "knn_temperature": cfg.knn_temperature},
         **evaluate(loaded, ds, cfg, device),
@@ -607,7 +610,10 @@ def _summary(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = resolve_config(argv)
+        cfg, show = resolve_config(argv)
+        if show:
+            print_config(cfg.to_json())
+            return 0
         results = run(cfg)
     except (UserError, CheckpointError) as e:
         print(f"probe: error: {e}", file=sys.stderr)

@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import compare_probes  # noqa: E402
 from benchmarks.common import RESULTS_DIR, environment, host_kind  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
-from model.reference_ckpt import convert_reference_checkpoint  # noqa: E402
+from emp_ssl.checkpoints import convert_reference_checkpoint  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import load_manifest, require_format, require_split, sha256_file, write_json_atomic  # noqa: E402
 from pipeline.patches import AugmentParams  # noqa: E402

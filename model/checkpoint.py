@@ -1,4 +1,5 @@
-"""Checkpoints: plain tensors, numbers, strings, lists, tuples and dicts, written atomically.
+"""Checkpoints: plain tensors, numbers, strings, lists, tuples and dicts (written atomically by
+emp_ssl/checkpoints.py; read here).
 
 Layout of ``ckpt.pt`` (every key is plain data, so ``torch.load(weights_only=True)`` opens it):
 
@@ -15,8 +16,6 @@ The probe rebuilds the encoder from "encoder" + "model" through :func:`load_enco
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -26,26 +25,6 @@ FORMAT = "emp-ssl-ckpt/1"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not ours: the message says which and why."""
-
-
-def save_checkpoint(path: Path | str, payload: dict) -> None:
-    """Write ``payload`` to a temp file beside ``path``, fsync, then rename over it.
-
-    An interrupted save leaves the previous checkpoint intact. (model/ does not import
-    pipeline/, whose ``atomic_path`` does the same for data files.)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # made by open(): the mode a plain open() gives
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path | str, map_location="cpu") -> dict:

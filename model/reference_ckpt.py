@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError
 from .encoder import ARCH_BLOCKS, EncoderConfig, build_encoder
 
 THEIR_PARTS = ("backbone.", "pre_feature.", "projection.")
@@ -155,10 +155,10 @@ def read_reference_state_dict(path: Path | str) -> dict:
     return sd
 
 
-def convert_reference_checkpoint(src: Path | str, dst: Path | str, *, data: dict, patch: dict,
-                                 augment: dict, seed: int | None, epoch: int, step: int,
-                                 source: dict) -> Path:
-    """Write their checkpoint ``src`` as a checkpoint of this project at ``dst`` (atomic).
+def reference_payload(src: Path | str, *, data: dict, patch: dict, augment: dict,
+                      seed: int | None, epoch: int, step: int, source: dict) -> dict:
+    """Their checkpoint ``src`` as the payload of a checkpoint of this project (written by
+    ``emp_ssl.checkpoints.convert_reference_checkpoint``).
 
     ``data``: the "data" section (name, classes, image_shape; mean/std are set to their fixed
     0.5/0.5 with ``normalize: "fixed"``, so probe.py feeds the model what it was trained on);
@@ -175,5 +175,4 @@ def convert_reference_checkpoint(src: Path | str, dst: Path | str, *, data: dict
         "git_commit": str(source.get("commit", "unknown")),
         "converted_from": {"layout": "reference", **source},
     }
-    save_checkpoint(dst, payload)
-    return Path(dst)
+    return payload

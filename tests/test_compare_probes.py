@@ -14,7 +14,7 @@ from PIL import Image
 
 from benchmarks import compare_probes as cp
 from conftest import run_tool
-from pipeline.features import class_positions, split_rows
+from emp_ssl.embedding import class_positions, split_rows
 from test_probe import make_checkpoint
 
 import probe
@@ -158,10 +158,10 @@ def test_refuses_what_cannot_be_paired_in_one_line(tmp_path, capsys):
 def test_class_positions_and_split_rows():
     labels = np.array([2, 0, 2, 1, 0, 0])
     assert class_positions(labels, 3).tolist() == [0, 0, 1, 0, 1, 2]
-    rows = split_rows(labels, num_classes=3, batch_size=4, seed=0, max_images=None,
+    rows = split_rows(labels, "train", num_classes=3, batch_size=4, seed=0, max_images=None,
                             per_class=[2, 1, 1])
     assert rows.tolist() == [0, 1, 3, 4]  # first 2 of class 0, first of classes 1 and 2
-    sub = split_rows(labels, num_classes=3, batch_size=4, seed=7, max_images=3, per_class=None)
+    sub = split_rows(labels, "train", num_classes=3, batch_size=4, seed=7, max_images=3, per_class=None)
     assert len(sub) == 3 and len(set(sub.tolist())) == 3  # a seeded subset
 
 
@@ -206,7 +206,7 @@ def test_probe_pairs_two_copies_picture_by_picture(tmp_path):
                  "--out", str(data), "--formats", "memory", "--no-progress")
     ckpt = make_checkpoint(tmp_path / "run" / "ckpt.pt", data / "orig",
                            patch={"patch_size": 8, "out_size": 16})
-    fast = ["--test-patches", "2", "--epochs", "3", "--device", "cpu", "--quiet", "--no-plots"]
+    fast = ["--num-patches", "2", "--probe-epochs", "3", "--device", "cpu", "--quiet", "--no-plots"]
     run_tool("probe.py", "--checkpoint", str(ckpt), "--data", str(data / "orig"),
              "--out", str(tmp_path / "p_orig"), *fast)
     run_tool("probe.py", "--checkpoint", str(ckpt), "--data", str(data / "copy"),

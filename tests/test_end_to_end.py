@@ -14,8 +14,8 @@ def test_trained_encoder_beats_random_init(cifar_subset_data, tmp_path):
                        "--epochs", "6", "--num-patches", "8", "--data.batch_size", "50",
                        "--data.max_images", "0", "--model.projector", "512,128", "--run.tensorboard",
                        "false", "--device", "cpu"]) == 0
-    common = ["--checkpoint", str(run / "ckpt.pt"), "--data", str(cifar_subset_data), "--test-patches", "8",
-              "--epochs", "40", "--no-plots", "--quiet", "--device", "cpu"]
+    common = ["--checkpoint", str(run / "ckpt.pt"), "--data", str(cifar_subset_data), "--num-patches", "8",
+              "--probe-epochs", "40", "--no-plots", "--quiet", "--device", "cpu"]
     run_tool("probe.py", *common, "--out", str(tmp_path / "trained"))
     run_tool("probe.py", *common, "--out", str(tmp_path / "random"), "--random-init")
     trained = json.loads((tmp_path / "trained" / "results.json").read_text())

@@ -105,7 +105,7 @@ def test_monitor_matches_probe_at_probe_settings(cifar_subset_data, tmp_path):
     mon = rows(out, "monitor")
     assert [r["step"] for r in mon] == [3]
     assert probe.main(["--checkpoint", str(out / "ckpt.pt"), "--data", str(cifar_subset_data),
-                       "--max-images", "100", "--test-patches", "4", "--epochs", "5", "--seed", "1",
+                       "--max-images", "100", "--num-patches", "4", "--probe-epochs", "5", "--seed", "1",
                        "--feature", "pre_projector", "--knn-k", "20", "--device", "cpu", "--quiet",
                        "--no-plots"]) == 0
     r = json.loads((out / "probe" / "results.json").read_text())

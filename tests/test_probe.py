@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import run_tool
-from model.checkpoint import save_checkpoint
+from emp_ssl.checkpoints import save_checkpoint
 from model.encoder import EncoderConfig, build_encoder
-from model.linear_probe import knn_predict, knn_top1, train_linear_probe
+from emp_ssl.classifiers import knn_predict, knn_top1, train_linear_probe
 from pipeline.formats import (Manifest, SplitInfo, load_manifest, memory_images_path,
                               memory_labels_path, save_manifest)
 
@@ -151,7 +151,7 @@ def test_knn_on_clusters_and_weighted_votes():
 
 ENC = EncoderConfig(arch="resnet18", stem="cifar", width=16, projector=(64, 32))
 PATCH = {"patch_size": 16, "out_size": 16}
-FAST = ["--test-patches", "4", "--epochs", "5", "--device", "cpu", "--quiet"]
+FAST = ["--num-patches", "4", "--probe-epochs", "5", "--device", "cpu", "--quiet"]
 
 
 def make_checkpoint(path: Path, data: Path, *, seed: int = 0, enc: EncoderConfig = ENC,
@@ -237,8 +237,8 @@ def test_feature_cache_is_reused_and_invalidated(cifar_subset_data, tmp_path, mo
     assert not (run / "probe" / "tsne.png").exists()
 
     calls = []
-    real = probe.extract_features
-    monkeypatch.setattr(probe, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = probe.embed
+    monkeypatch.setattr(probe, "embed", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert probe.main(args) == 0
     second = read_results(run / "probe")
     assert calls == [] and second["features_cached"] == {"train": True, "test": True}
@@ -329,7 +329,7 @@ def test_bad_inputs_exit_2_with_one_line(cifar_subset_data, tmp_path, capsys):
     assert "32x32" in bad(["--checkpoint", str(big), *data, *FAST], capsys)
 
     assert "no manifest" in bad(["--checkpoint", str(ckpt), "--data", str(tmp_path), *FAST], capsys)
-    assert "--test-patches" in bad(["--checkpoint", str(ckpt), *data, "--test-patches", "0"], capsys)
+    assert "--num-patches" in bad(["--checkpoint", str(ckpt), *data, "--num-patches", "0"], capsys)
     if not torch.cuda.is_available():
         assert "CUDA" in bad(["--checkpoint", str(ckpt), *data, "--device", "cuda"], capsys)
     assert not (tmp_path / "run" / "probe").exists()  # nothing written on bad input

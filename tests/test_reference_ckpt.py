@@ -18,8 +18,9 @@ from torchvision.models import resnet18
 import probe
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.encoder import EncoderConfig, build_encoder
-from model.reference_ckpt import (THEIR_MEAN, THEIR_STD, convert_reference_checkpoint, layout,
-                                  load_reference_encoder, to_encoder_state_dict)
+from emp_ssl.checkpoints import convert_reference_checkpoint
+from model.reference_ckpt import (THEIR_MEAN, THEIR_STD, layout, load_reference_encoder,
+                                  to_encoder_state_dict)
 from pipeline.formats import Manifest, SplitInfo
 
 

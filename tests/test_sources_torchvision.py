@@ -16,6 +16,7 @@ from conftest import run_tool
 from pipeline.convert import ConvertOptions, convert, resize_center_crop
 from pipeline.errors import UserError
 from pipeline.patches import AugmentParams, make_patches
+from pipeline import sources
 from pipeline.sources import build_source
 from pipeline.sources.base import SourceOptions
 
@@ -146,31 +147,31 @@ def test_missing_torchvision_is_one_line(jpeg_data, monkeypatch):
 
 
 def test_auto_picks_dali_when_installed_else_torchvision(jpeg_data, tmp_path, monkeypatch):
-    import train
+    from emp_ssl.config import DataConfig
     from pipeline.sources import memory
 
     monkeypatch.setattr(memory, "fits_in_memory", lambda *a: False)
-    cfg = train.DataConfig(path=str(jpeg_data), source="auto")
+    cfg = DataConfig(path=str(jpeg_data), source="auto")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only their .type is read
     installed = {"nvidia.dali": False, "ffcv": True}
-    monkeypatch.setattr(train, "_installed", lambda m: installed[m])
-    assert train.choose_source(cfg, "train", cuda) == "torchvision"
-    assert train.choose_source(cfg, "train", cpu) == "torchvision"  # no .beton in this dataset
+    monkeypatch.setattr(sources, "installed", lambda m: installed[m])
+    assert sources.choose_source("auto", cfg.path, "train", cuda) == "torchvision"
+    assert sources.choose_source("auto", cfg.path, "train", cpu) == "torchvision"  # no .beton in this dataset
     installed["nvidia.dali"] = True
-    assert train.choose_source(cfg, "train", cuda) == "dali"
+    assert sources.choose_source("auto", cfg.path, "train", cuda) == "dali"
     # with a .beton: FFCV on the CPU when it is installed, the shards otherwise
     m = json.loads((jpeg_data / "manifest.json").read_text())
     m["formats"] = ["memory", "ffcv", "dali"]
     other = tmp_path / "with_beton"
     other.mkdir()
     (other / "manifest.json").write_text(json.dumps(m))
-    cfg = train.DataConfig(path=str(other), source="auto")
-    assert train.choose_source(cfg, "train", cpu) == "ffcv"
-    assert train.choose_source(cfg, "train", cuda) == "dali"
+    cfg = DataConfig(path=str(other), source="auto")
+    assert sources.choose_source("auto", cfg.path, "train", cpu) == "ffcv"
+    assert sources.choose_source("auto", cfg.path, "train", cuda) == "dali"
     installed.update({"ffcv": False, "nvidia.dali": False})
-    assert train.choose_source(cfg, "train", cpu) == "torchvision"
+    assert sources.choose_source("auto", cfg.path, "train", cpu) == "torchvision"
     monkeypatch.undo()
-    assert train._installed("torch") and not train._installed("surely_not_a_module_xyz")
+    assert sources.installed("torch") and not sources.installed("surely_not_a_module_xyz")
 
 
 def test_throughput_benchmark_measures_it(jpeg_data, tmp_path):

@@ -15,6 +15,7 @@ import torch
 
 from conftest import ROOT, run_tool
 from model.checkpoint import load_checkpoint
+from model.encoder import EncoderConfig, build_encoder
 
 import train
 
@@ -97,7 +98,7 @@ def test_sigterm_leaves_loadable_checkpoint(cifar_subset_data, tmp_path):
     assert "--resume" in err
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert 2 <= ckpt["step"] < 500
-    assert set(ckpt["model"]) == set(train.build_encoder(train.EncoderConfig(
+    assert set(ckpt["model"]) == set(build_encoder(EncoderConfig(
         width=16, projector=(128, 32))).state_dict())
 
 

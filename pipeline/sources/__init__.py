@@ -40,4 +40,32 @@ def build_source(name: str, root, split: str, opts: SourceOptions, **kwargs) -> 
     return cls(root, split, opts, **kwargs)
 
 
-__all__ = ["SOURCES", "Source", "SourceOptions", "build_source"]
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or sys.modules[name] is None
+        return False
+
+
+def choose_source(name: str, root, split: str, device) -> str:
+    """``--source auto``: memory when the split fits on the device; else the shards on a GPU,
+    decoded by DALI when it is installed and by torchvision (nvJPEG) otherwise; else FFCV
+    (the shards again when FFCV is missing or the dataset has no .beton). Other names pass."""
+    if name != "auto":
+        return name
+    from ..formats import load_manifest
+    from .memory import fits_in_memory
+
+    if fits_in_memory(root, split, device):
+        return "memory"
+    formats = load_manifest(root).formats
+    shards = "dali" if installed("nvidia.dali") else "torchvision"
+    if "dali" in formats and (device.type == "cuda" or "ffcv" not in formats or not installed("ffcv")):
+        return shards
+    return "ffcv"
+
+
+__all__ = ["SOURCES", "Source", "SourceOptions", "build_source", "choose_source", "installed"]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .protocol import PROBE
+
 
 def _check(train_x, train_y, test_x, test_y) -> None:
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
@@ -104,9 +106,10 @@ class _GraphedEpoch:
 @torch.no_grad()
 def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor,
                        test_x: torch.Tensor, test_y: torch.Tensor, *,
-                       num_classes: int | None = None, epochs: int = 100, lr: float = 0.03,
-                       momentum: float = 0.9, weight_decay: float = 5e-5, batch_size: int = 100,
-                       seed: int = 0, device: torch.device | str = "cpu",
+                       num_classes: int | None = None, epochs: int = PROBE.probe_epochs,
+                       lr: float = PROBE.probe_lr, momentum: float = PROBE.probe_momentum,
+                       weight_decay: float = PROBE.probe_weight_decay,
+                       batch_size: int = PROBE.probe_batch_size, seed: int = PROBE.seed, device: torch.device | str = "cpu",
                        progress: bool = True, desc: str = "linear probe",
                        graph: bool | None = None) -> dict:
     """Train a linear classifier on frozen features; evaluate on the test features every epoch.
@@ -199,7 +202,7 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor,
 
 @torch.no_grad()
 def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, *,
-                num_classes: int, k: int = 20, temperature: float = 0.07,
+                num_classes: int, k: int = PROBE.knn_k, temperature: float = PROBE.knn_temperature,
                 chunk_elems: int = 1 << 26) -> torch.Tensor:
     """Weighted-kNN class of every test point (int64, on the features' device).
 
@@ -226,8 +229,8 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 
 
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-             test_y: torch.Tensor, *, num_classes: int | None = None, k: int = 20,
-             temperature: float = 0.07) -> float:
+             test_y: torch.Tensor, *, num_classes: int | None = None, k: int = PROBE.knn_k,
+             temperature: float = PROBE.knn_temperature) -> float:
     """Weighted-kNN top-1 accuracy (a fraction in [0, 1]); see :func:`knn_predict`."""
     _check(train_x, train_y, test_x, test_y)
     C = _num_classes(num_classes, train_y, test_y)
