@@ -248,6 +248,17 @@ def _run(cmd: list[str], log: Path | None = None, env: dict | None = None) -> fl
     return time.perf_counter() - t
 
 
+def shown(cmd: list[str]) -> str:
+    """A command as result files record it: `python` for this interpreter, no absolute paths."""
+    return " ".join(shlex.quote("python" if c == sys.executable else c) for c in cmd)
+
+
+def relative(path: str) -> str:
+    """``path`` relative to the repository root when it is absolute (result files hold no
+    machine-specific paths)."""
+    return os.path.relpath(path, ROOT) if os.path.isabs(path) else path
+
+
 def prepare(source: Path, name: str, data_dir: Path, flag: str, extra: tuple[str, ...] = ()) -> Path:
     """A converted dataset from ``source``: itself when it is one, else converted (once)."""
     if (source / "manifest.json").is_file():
@@ -359,6 +370,8 @@ class Driver:
         self.log(f"{step.name}: probe")
         t_probe = _run(probe, log, self.env)
         result = json.loads((run / "probe" / "results.json").read_text())
+        if isinstance(result.get("dataset", {}).get("source"), str):
+            result["dataset"]["source"] = relative(result["dataset"]["source"])
         random_cmd = None
         if sc.random_init:  # the baseline: same architecture, fresh weights, same pictures
             random_cmd = [*probe[:probe.index("--out")], "--out", str(run / "probe-random-init"),
@@ -366,14 +379,15 @@ class Driver:
             self.log(f"{step.name}: probe a random-init encoder")
             _run(random_cmd, log, self.env)
             rand = json.loads((run / "probe-random-init" / "results.json").read_text())
+            if isinstance(rand.get("dataset", {}).get("source"), str):
+                rand["dataset"]["source"] = relative(rand["dataset"]["source"])
             write_json_atomic(self.out / f"probe_{step.name}.random_init.json", rand)
         write_json_atomic(self.out / f"train_{step.name}.json", {
             "step": step.name, "scale": sc.name, "variant": step.variant, "seed": step.seed,
-            "data": str(data), "data_source": load_manifest(data).source,
+            "data": str(data), "data_source": relative(load_manifest(data).source),
             "schedule_epochs": schedule, "trained_epochs": trained, "steps_per_epoch": spe,
-            "train_command": " ".join(shlex.quote(c) for c in train),
-            "probe_command": " ".join(shlex.quote(c) for c in probe),
-            "random_init_probe_command": random_cmd and " ".join(shlex.quote(c) for c in random_cmd),
+            "train_command": shown(train), "probe_command": shown(probe),
+            "random_init_probe_command": random_cmd and shown(random_cmd),
             "config": sc.config, "scale_about": sc.about,
             "threads": self.a.threads or None, "train_summary": summary,
             "train_process_s": t_train, "probe_process_s": t_probe,
@@ -426,8 +440,11 @@ class Driver:
                                     "pairs": [{k: p[k] for k in ("a", "b", "train_seed_a", "linear", "knn")}
                                               for p in res["pairs"]],
                                     "summary": res.get("summary"), "method": res["method"]}
+            datasets = {v: DATASET_SCALES[v][self.scale.name].about for v in self.data.datasets
+                        if self.scale.name in DATASET_SCALES[v]}
             write_json_atomic(self.out / "summary.json", {
                 "scale": self.scale.name, "about": self.scale.about, "data": self.data.requested,
+                "dataset_scales": datasets,
                 "accuracies": rows, "comparisons": comparisons, **environment()})
 
 
