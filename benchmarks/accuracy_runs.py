@@ -48,8 +48,8 @@ Scales (``--scale``, default gpu when CUDA is present, else demo; ``--smoke`` = 
     smoke  CPU, tiny: for CI (a minute a step on the subset datasets the tests build)
 
 Tiny ImageNet on the GPU machine (``../shared/GPU_QUEUE.md`` item 4). The machine has no copy
-and a call carries at most 64 MiB, so the raw train + val JPEGs travel as a ~210 MB .tar.gz in
-parts of at most 55 MB, reassembled and converted there (once: ``--tiny`` converts an archive
+and a call carries at most 64 MiB, so the raw train + val JPEGs travel as a .tar.gz (152 MB:
+three parts of at most 55 MiB), reassembled and converted there (once: ``--tiny`` converts an archive
 into ``--data-dir``/tinyimagenet with ``--classes configs/tinyimagenet_wnids200.txt``, the
 official 200 classes; the public copy has two extra)::
 
@@ -57,8 +57,8 @@ official 200 classes; the public copy has two extra)::
         tiny-imagenet-200/val                 # RAW: where rangeetpan/IMagenet was extracted
     split -b 55M .device/tiny.tar.gz .device/tiny.part. && rm .device/tiny.tar.gz
     # device calls back to back, each carrying one part (.device/ is ignored and stays on the
-    # warm machine): call 1 carry .device/tiny.part.aa, command `true`; ... ; last call carries
-    # the last part and runs:
+    # warm machine): call 1 carries .device/tiny.part.aa, command `true`; call 2 .device/tiny.part.ab,
+    # `true`; call 3 carries .device/tiny.part.ac and runs:
     cat .device/tiny.part.* > .device/tiny.tar.gz && timeout 540 python benchmarks/accuracy_runs.py \
         --scale gpu --tiny .device/tiny.tar.gz --steps tiny_s0,tiny_e10_s0 --out runs/tiny_acc; \
         cp -r runs/tiny_acc $OUT/
