@@ -33,7 +33,8 @@ A step is ``VARIANT[_eE]_sSEED`` (``_sA-B`` expands to seeds A..B):
 
 ``tiny`` and ``in100`` steps are not paired with ``lossless``; at the CPU scales (demo, smoke)
 each is also probed with a random-init encoder on the same pictures
-(``probe_<step>.random_init.json``), the baseline its accuracy is read against.
+(``probe_<step>.random_init.json``), the baseline its accuracy is read against, and the two
+are compared paired (``compare_<step>_vs_random_init.json``).
 
 and ``cuda_tests`` runs the CUDA-only tests, ``throughput`` benchmarks/train_throughput.py.
 Scales (``--scale``, default gpu when CUDA is present, else demo; ``--smoke`` = ``--scale smoke``):
@@ -393,6 +394,9 @@ class Driver:
             "train_process_s": t_train, "probe_process_s": t_probe,
             "final_loss": [r for r in metrics if "loss" in r][-1]["loss"]})
         write_json_atomic(probe_json, result)  # last: its presence marks the step done
+        if random_cmd:  # trained vs random init, paired on the same test pictures
+            write_json_atomic(self.out / f"compare_{step.name}_vs_random_init.json", compare_probes.compare(
+                [probe_json], [self.out / f"probe_{step.name}.random_init.json"]))
         self.log(f"{step.name}: linear {100 * result['linear_top1']:.2f}% kNN "
                  f"{100 * result['knn_top1']:.2f}% on {result['num_test']} {result['dataset']['name']} "
                  f"test pictures (train {summary['wall_s']:.0f}s, probe {t_probe:.0f}s)")

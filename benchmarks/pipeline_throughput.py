@@ -275,7 +275,8 @@ def main(argv=None) -> int:
             ref = next((r for r in rows if r["source"] == "reference" and r["device"] == dev
                         and r["n"] == n and "patches_per_s" in r), None)
             for r in rows:
-                if ref and r["device"] == dev and r["n"] == n and "patches_per_s" in r:
+                if (ref and r["device"] == dev and r["n"] == n and "patches_per_s" in r
+                        and r["source"] != "model_step"):
                     r["vs_reference"] = round(r["patches_per_s"] / ref["patches_per_s"], 2)
                     r["vs_reference_best"] = round(r["patches_per_s_best"] / ref["patches_per_s_best"], 2)
             if ref:

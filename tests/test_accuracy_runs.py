@@ -152,7 +152,9 @@ def test_tiny_steps_split_archive_converted_trained_and_probed_against_random_in
     summary = json.loads((out / "summary.json").read_text())
     assert summary["comparisons"] == {} and "tiny" in summary["dataset_scales"]
     assert {r["step"] for r in summary["accuracies"]} == {"tiny_s0", "tiny_s0.random_init"}
-    assert not list(out.glob("compare_*"))
+    assert [p.name for p in out.glob("compare_*")] == ["compare_tiny_s0_vs_random_init.json"]
+    pair = json.loads((out / "compare_tiny_s0_vs_random_init.json").read_text())["pairs"][0]["linear"]
+    assert pair["pairs"] == 50 and pair["acc_a"] == trained["linear_top1"] and pair["acc_b"] == rand["linear_top1"]
 
 
 def test_dataset_steps_need_their_data(tmp_path):
