@@ -23,7 +23,18 @@ A step is ``VARIANT[_eE]_sSEED`` (``_sA-B`` expands to seeds A..B):
     fp32      lossless with --run.amp fp32 (is bf16 autocast costing accuracy?)
     n200      lossless with n = 200 patches per image
     q50, q30  the lossless data re-encoded at JPEG quality 50 / 30 (benchmarks/reencode_jpeg.py)
+    tiny      Tiny ImageNet (--tiny), configs/tinyimagenet.yaml: 32 -> 64 px patches, ImageNet
+              stem; the gpu scale's run is the paper's 1-epoch row (a 1-epoch cosine trained in
+              full: the authors' main.py anneals over 50,000 // batch steps per epoch, which is
+              exactly one epoch of Tiny ImageNet's 100,000 images), ``tiny_e10`` its 10-epoch row
+    in100     a 224-px ImageFolder (--in100: ImageNet-100, or Imagewoof at the CPU scales),
+              configs/imagenet100.yaml: 112 -> 224 px patches
     _eE       train the scale's E-epoch schedule in full (default: the scale's own run below)
+
+``tiny`` and ``in100`` steps are not paired with ``lossless``; at the CPU scales (demo, smoke)
+each is also probed with a random-init encoder on the same pictures
+(``probe_<step>.random_init.json``), the baseline its accuracy is read against, and the two
+are compared paired (``compare_<step>_vs_random_init.json``).
 
 and ``cuda_tests`` runs the CUDA-only tests, ``throughput`` benchmarks/train_throughput.py.
 Scales (``--scale``, default gpu when CUDA is present, else demo; ``--smoke`` = ``--scale smoke``):
@@ -36,6 +47,24 @@ Scales (``--scale``, default gpu when CUDA is present, else demo; ``--smoke`` = 
     demo   CPU: exactly `make demo`: configs/demo.yaml (width 16, n = 8, 50 steps); probe
            8 patches, 30 epochs, 4,000 train images
     smoke  CPU, tiny: for CI (a minute a step on the subset datasets the tests build)
+
+Tiny ImageNet on the GPU machine (``../shared/GPU_QUEUE.md`` item 4). The machine has no copy
+and a call carries at most 64 MiB, so the raw train + val JPEGs travel as a .tar.gz (152 MB:
+three parts of at most 55 MiB), reassembled and converted there (once: ``--tiny`` converts an archive
+into ``--data-dir``/tinyimagenet with ``--classes configs/tinyimagenet_wnids200.txt``, the
+official 200 classes; the public copy has two extra)::
+
+    tar -czf .device/tiny.tar.gz -C RAW tiny-imagenet-200/wnids.txt tiny-imagenet-200/train \
+        tiny-imagenet-200/val                 # RAW: where rangeetpan/IMagenet was extracted
+    split -b 55M .device/tiny.tar.gz .device/tiny.part. && rm .device/tiny.tar.gz
+    # device calls back to back, each carrying one part (.device/ is ignored and stays on the
+    # warm machine): call 1 carries .device/tiny.part.aa, command `true`; call 2 .device/tiny.part.ab,
+    # `true`; call 3 carries .device/tiny.part.ac and runs:
+    cat .device/tiny.part.* > .device/tiny.tar.gz && timeout 540 python benchmarks/accuracy_runs.py \
+        --scale gpu --tiny .device/tiny.tar.gz --steps tiny_s0,tiny_e10_s0 --out runs/tiny_acc; \
+        cp -r runs/tiny_acc $OUT/
+
+(benchmarks/README.md, "Tiny ImageNet on the GPU", has the same recipe and its CPU smoke test.)
 
 Per step, in ``--out``: ``probe_<step>.json`` (probe.py's results.json: accuracies and every test
 picture's prediction) and ``train_<step>.json`` (command, training summary, wall-clock). After
@@ -73,7 +102,10 @@ from pipeline.formats import load_manifest, write_json_atomic  # noqa: E402
 SHARED = ROOT.parent / "shared" / "datasets"
 DEFAULT_LOSSLESS = SHARED / "cifar10-png.tar.xz"
 DEFAULT_JPEG = SHARED / "cifar10-jpeg.tar.xz"
-VARIANTS = ("lossless", "jpeg", "ref", "bn2", "bn4", "fp32", "n200", "q50", "q30")
+CIFAR_VARIANTS = ("lossless", "jpeg", "ref", "bn2", "bn4", "fp32", "n200", "q50", "q30")
+DATASET_VARIANTS = ("tiny", "in100")  # other datasets: own presets, not paired with lossless
+VARIANTS = CIFAR_VARIANTS + DATASET_VARIANTS
+TINY_CLASSES = ROOT / "configs" / "tinyimagenet_wnids200.txt"
 SPECIAL_STEPS = ("cuda_tests", "throughput")
 STEP_RE = re.compile(r"^(?P<variant>[a-z0-9]+?)(?:_e(?P<epochs>\d+(?:\.\d+)?))?_s(?P<a>\d+)(?:-(?P<b>\d+))?$")
 
@@ -93,6 +125,7 @@ class Scale:
     num_patches: int = 20
     jpeg_probe_all: bool = False  # probe the JPEG copy on its whole test split
     about: str = ""
+    random_init: bool = False  # also probe a random-init encoder on the same pictures
 
 
 SCALES = {
@@ -113,6 +146,39 @@ SCALES = {
                    ("--num-patches", "4", "--data.max_images", "200", "--model.projector", "64,16"),
                    1.0, 1.0, ("--test-patches", "2", "--epochs", "3", "--max-train-images", "200"),
                    max_images=200, num_patches=4, about="CI: 2 steps of 100 images, n=4"),
+}
+# Per dataset variant and scale: the preset, its overrides and the probe. gpu = the paper's recipe.
+_SMOKE_TRAIN = ("--num-patches", "4", "--data.max_images", "200", "--model.width", "8",
+                "--model.projector", "64,16")
+_SMOKE_PROBE = ("--test-patches", "2", "--epochs", "3", "--max-train-images", "200",
+                "--max-test-images", "200")
+DATASET_SCALES = {
+    "tiny": {
+        "gpu": Scale("gpu", "configs/tinyimagenet.yaml", (), 1.0, 1.0, (), num_patches=20,
+                     about="Tiny ImageNet, n=20, 1-epoch cosine in full; probe 128 patches, 100 epochs"),
+        "demo": Scale("demo", "configs/tinyimagenet.yaml",
+                      ("--num-patches", "8", "--data.max_images", "10000", "--model.width", "16",
+                       "--model.projector", "1024,256"), 1.0, 1.0,
+                      ("--test-patches", "8", "--epochs", "30", "--max-train-images", "10000"),
+                      max_images=10000, num_patches=8, random_init=True,
+                      about="Tiny ImageNet: width 16, n=8, 100 steps (10,000 images); probe 8 "
+                            "patches, 30 epochs, 10,000 train images, all 10,000 val"),
+        "smoke": Scale("smoke", "configs/tinyimagenet.yaml", _SMOKE_TRAIN, 1.0, 1.0, _SMOKE_PROBE,
+                       max_images=200, num_patches=4, random_init=True, about="CI: 2 steps, n=4"),
+    },
+    "in100": {
+        "gpu": Scale("gpu", "configs/imagenet100.yaml", (), 2.0, 1.0, (), num_patches=20,
+                     about="ImageNet-100, n=20, first epoch of a 2-epoch cosine (main.py --epoch 2)"),
+        "demo": Scale("demo", "configs/imagenet100.yaml",
+                      ("--num-patches", "4", "--data.max_images", "3000", "--model.width", "16",
+                       "--model.projector", "1024,256"), 1.0, 1.0,
+                      ("--test-patches", "4", "--epochs", "30", "--max-train-images", "3000"),
+                      max_images=3000, num_patches=4, random_init=True,
+                      about="224 px: width 16, n=4, 30 steps (3,000 images); probe 4 patches, "
+                            "30 epochs, 3,000 train images, the whole val split"),
+        "smoke": Scale("smoke", "configs/imagenet100.yaml", _SMOKE_TRAIN, 1.0, 1.0, _SMOKE_PROBE,
+                       max_images=200, num_patches=4, random_init=True, about="CI: 2 steps, n=4"),
+    },
 }
 DEFAULT_GPU_STEPS = "lossless_s0,jpeg_s0,lossless_s1,lossless_e10_s0,ref_s0,jpeg_s1"
 DEFAULT_CPU_STEPS = "lossless_s0,jpeg_s0"
@@ -160,9 +226,10 @@ def parse_steps(spec: str) -> list[Step | str]:
 
 @dataclass
 class Data:
-    lossless: Path
+    lossless: Path | None
     jpeg: Path | None
     requested: dict = field(default_factory=dict)
+    datasets: dict = field(default_factory=dict)  # tiny / in100 -> converted dir
 
 
 def _run(cmd: list[str], log: Path | None = None, env: dict | None = None) -> float:
@@ -182,7 +249,18 @@ def _run(cmd: list[str], log: Path | None = None, env: dict | None = None) -> fl
     return time.perf_counter() - t
 
 
-def prepare(source: Path, name: str, data_dir: Path, flag: str) -> Path:
+def shown(cmd: list[str]) -> str:
+    """A command as result files record it: `python` for this interpreter, no absolute paths."""
+    return " ".join(shlex.quote("python" if c == sys.executable else c) for c in cmd)
+
+
+def relative(path: str) -> str:
+    """``path`` relative to the repository root when it is absolute (result files hold no
+    machine-specific paths)."""
+    return os.path.relpath(path, ROOT) if os.path.isabs(path) else path
+
+
+def prepare(source: Path, name: str, data_dir: Path, flag: str, extra: tuple[str, ...] = ()) -> Path:
     """A converted dataset from ``source``: itself when it is one, else converted (once)."""
     if (source / "manifest.json").is_file():
         return source
@@ -197,7 +275,7 @@ def prepare(source: Path, name: str, data_dir: Path, flag: str) -> Path:
         return dest
     print(f"accuracy_runs: converting {source} into {dest}", flush=True)
     _run([sys.executable, "tools/convert_datasets.py", str(source), "--name", name, "--out",
-          str(data_dir), "--formats", "memory", "--no-progress"])
+          str(data_dir), "--formats", "memory", "--no-progress", *extra])
     return dest
 
 
@@ -217,12 +295,25 @@ class Driver:
         with self.lock:
             print(f"=== {time.strftime('%H:%M:%S')} {msg}", flush=True)
 
-    def steps_per_epoch(self, data: Path) -> int:
+    def scale_for(self, step: Step) -> Scale:
+        if step.variant in DATASET_SCALES:
+            scales = DATASET_SCALES[step.variant]
+            if self.scale.name not in scales:
+                raise UserError(f"step {step.name}: no {step.variant} recipe at scale {self.scale.name} "
+                                f"(has {', '.join(scales)})")
+            return scales[self.scale.name]
+        return self.scale
+
+    def steps_per_epoch(self, data: Path, scale: Scale) -> int:
         count = load_manifest(data).splits["train"].count
-        per = count // self.scale.batch
-        return min(per, self.scale.max_images // self.scale.batch) if self.scale.max_images else per
+        per = count // scale.batch
+        return min(per, scale.max_images // scale.batch) if scale.max_images else per
 
     def data_for(self, step: Step) -> Path:
+        if step.variant in DATASET_VARIANTS:
+            if step.variant not in self.data.datasets:
+                raise UserError(f"step {step.name}: no data (pass --{step.variant} DIR_OR_ARCHIVE)")
+            return self.data.datasets[step.variant]
         if step.variant == "jpeg":
             if self.data.jpeg is None:
                 raise UserError("step jpeg: no JPEG copy (pass --jpeg ARCHIVE_OR_DIR)")
@@ -252,7 +343,7 @@ class Driver:
         if probe_json.is_file() and not self.a.force:
             self.log(f"{step.name}: done before ({probe_json}), skipped")
             return
-        sc, py = self.scale, sys.executable
+        sc, py = self.scale_for(step), sys.executable
         data = self.data_for(step)
         run = self.runs / step.name
         log = self.runs / f"{step.name}.log"
@@ -262,7 +353,7 @@ class Driver:
         log.unlink(missing_ok=True)
         schedule, trained = ((step.epochs, step.epochs) if step.epochs is not None
                              else (sc.schedule_epochs, sc.train_epochs))
-        spe = self.steps_per_epoch(data)
+        spe = self.steps_per_epoch(data, sc)
         train = [py, "train.py", "--config", sc.config, "--data", str(data), "--out", str(run),
                  "--seed", str(step.seed), "--epochs", f"{schedule:g}", "--run.tensorboard", "false",
                  *sc.train_args, *self.variant_args(step), *shlex.split(self.a.train_args)]
@@ -280,16 +371,32 @@ class Driver:
         self.log(f"{step.name}: probe")
         t_probe = _run(probe, log, self.env)
         result = json.loads((run / "probe" / "results.json").read_text())
+        if isinstance(result.get("dataset", {}).get("source"), str):
+            result["dataset"]["source"] = relative(result["dataset"]["source"])
+        random_cmd = None
+        if sc.random_init:  # the baseline: same architecture, fresh weights, same pictures
+            random_cmd = [*probe[:probe.index("--out")], "--out", str(run / "probe-random-init"),
+                          "--random-init", *probe[probe.index("--out") + 2:]]
+            self.log(f"{step.name}: probe a random-init encoder")
+            _run(random_cmd, log, self.env)
+            rand = json.loads((run / "probe-random-init" / "results.json").read_text())
+            if isinstance(rand.get("dataset", {}).get("source"), str):
+                rand["dataset"]["source"] = relative(rand["dataset"]["source"])
+            write_json_atomic(self.out / f"probe_{step.name}.random_init.json", rand)
         write_json_atomic(self.out / f"train_{step.name}.json", {
             "step": step.name, "scale": sc.name, "variant": step.variant, "seed": step.seed,
-            "data": str(data), "data_source": load_manifest(data).source,
+            "data": str(data), "data_source": relative(load_manifest(data).source),
             "schedule_epochs": schedule, "trained_epochs": trained, "steps_per_epoch": spe,
-            "train_command": " ".join(shlex.quote(c) for c in train),
-            "probe_command": " ".join(shlex.quote(c) for c in probe),
+            "train_command": shown(train), "probe_command": shown(probe),
+            "random_init_probe_command": random_cmd and shown(random_cmd),
+            "config": sc.config, "scale_about": sc.about,
             "threads": self.a.threads or None, "train_summary": summary,
             "train_process_s": t_train, "probe_process_s": t_probe,
             "final_loss": [r for r in metrics if "loss" in r][-1]["loss"]})
         write_json_atomic(probe_json, result)  # last: its presence marks the step done
+        if random_cmd:  # trained vs random init, paired on the same test pictures
+            write_json_atomic(self.out / f"compare_{step.name}_vs_random_init.json", compare_probes.compare(
+                [probe_json], [self.out / f"probe_{step.name}.random_init.json"]))
         self.log(f"{step.name}: linear {100 * result['linear_top1']:.2f}% kNN "
                  f"{100 * result['knn_top1']:.2f}% on {result['num_test']} {result['dataset']['name']} "
                  f"test pictures (train {summary['wall_s']:.0f}s, probe {t_probe:.0f}s)")
@@ -321,7 +428,7 @@ class Driver:
                 rows.append({"step": name, "dataset": r["dataset"]["name"], "test_pictures": r["num_test"],
                              "linear_top1": r["linear_top1"], "knn_top1": r["knn_top1"]})
                 m = STEP_RE.match(name)
-                if m and m["variant"] != "lossless":
+                if m and m["variant"] in CIFAR_VARIANTS and m["variant"] != "lossless":
                     base = f"lossless{'_e' + m['epochs'] if m['epochs'] else ''}_s{m['a']}"
                     if base in probes:
                         key = f"{m['variant']}{'_e' + m['epochs'] if m['epochs'] else ''}"
@@ -337,8 +444,11 @@ class Driver:
                                     "pairs": [{k: p[k] for k in ("a", "b", "train_seed_a", "linear", "knn")}
                                               for p in res["pairs"]],
                                     "summary": res.get("summary"), "method": res["method"]}
+            datasets = {v: DATASET_SCALES[v][self.scale.name].about for v in self.data.datasets
+                        if self.scale.name in DATASET_SCALES[v]}
             write_json_atomic(self.out / "summary.json", {
                 "scale": self.scale.name, "about": self.scale.about, "data": self.data.requested,
+                "dataset_scales": datasets,
                 "accuracies": rows, "comparisons": comparisons, **environment()})
 
 
@@ -355,6 +465,13 @@ def main(argv=None) -> int:
                    help="lossless CIFAR-10: archive or converted dir (default: the shared PNG archive)")
     p.add_argument("--jpeg", type=Path, default=DEFAULT_JPEG,
                    help="its JPEG copy: archive or converted dir (default: the shared JPEG archive)")
+    p.add_argument("--tiny", type=Path, help="Tiny ImageNet for the tiny steps: a converted dir, or the "
+                   "raw tiny-imagenet-200 folder or an archive of it (converted once, --tiny-classes)")
+    p.add_argument("--tiny-classes", type=Path, default=TINY_CLASSES,
+                   help="class list for converting --tiny (default: the official 200, "
+                        "configs/tinyimagenet_wnids200.txt)")
+    p.add_argument("--in100", type=Path, help="a 224-px set for the in100 steps: a converted dir, or "
+                   "an ImageFolder (or archive) converted once with --resize 224")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="where archives are converted")
     p.add_argument("--runs", type=Path, default=Path("runs/accuracy"), help="run directories and logs")
     p.add_argument("--scale", choices=sorted(SCALES), help="default: gpu with CUDA, else demo")
@@ -381,14 +498,29 @@ def main(argv=None) -> int:
         name = "smoke" if a.smoke else a.scale or ("gpu" if torch.cuda.is_available() else "demo")
         scale = SCALES[name]
         steps = parse_steps(a.steps or (DEFAULT_GPU_STEPS if name == "gpu" else DEFAULT_CPU_STEPS))
-        needs_jpeg = any(isinstance(s, Step) and s.variant == "jpeg" for s in steps)
-        lossless = prepare(a.lossless, "cifar10", a.data_dir, "--lossless")
-        jpeg = prepare(a.jpeg, "cifar10_jpeg", a.data_dir, "--jpeg") if needs_jpeg else None
+        variants = {s.variant for s in steps if isinstance(s, Step)}
+        needs_lossless = bool(variants & set(CIFAR_VARIANTS)) or any(isinstance(s, str) for s in steps)
+        lossless = prepare(a.lossless, "cifar10", a.data_dir, "--lossless") if needs_lossless else None
+        jpeg = prepare(a.jpeg, "cifar10_jpeg", a.data_dir, "--jpeg") if "jpeg" in variants else None
+        datasets = {}
+        if "tiny" in variants:
+            if a.tiny is None:
+                raise UserError("steps tiny_*: pass --tiny (Tiny ImageNet: converted dir, folder or archive)")
+            if not (a.tiny / "manifest.json").is_file() and not a.tiny_classes.is_file():
+                raise UserError(f"--tiny-classes {a.tiny_classes}: no such file")
+            datasets["tiny"] = prepare(a.tiny, "tinyimagenet", a.data_dir, "--tiny",
+                                       ("--classes", str(a.tiny_classes)))
+        if "in100" in variants:
+            if a.in100 is None:
+                raise UserError("steps in100_*: pass --in100 (a 224-px set: converted dir, folder or archive)")
+            datasets["in100"] = prepare(a.in100, "imagenet100", a.data_dir, "--in100", ("--resize", "224"))
     except UserError as e:
         print(f"accuracy_runs: error: {e}", file=sys.stderr)
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
-    data = Data(lossless, jpeg, {"lossless": str(a.lossless), "jpeg": str(a.jpeg) if jpeg else None})
+    requested = {"lossless": str(a.lossless) if lossless else None, "jpeg": str(a.jpeg) if jpeg else None}
+    requested.update({k: str(getattr(a, k)) for k in datasets})
+    data = Data(lossless, jpeg, requested, datasets)
     driver = Driver(a, scale, data)
     write_json_atomic(a.out / f"env_{name}.json", {"scale": name, "about": scale.about,
                                                     "steps": [s if isinstance(s, str) else s.name for s in steps],

@@ -20,6 +20,16 @@ Writes {"hardware", "versions", "command", "git_commit", "date", "settings", "ro
 [{"source", "device", "n", "patches_per_s", "images_per_s", "patches_per_s_best",
 "vs_reference", ...}]} to --json or benchmarks/results/pipeline_<hostkind>_<date>.json. A
 source whose library or data format is missing is a row with "skipped": reason.
+
+``--model-step`` adds, per device and n, the row ``model_step``: the training step train.py
+runs (model.step.EmpStep: ResNet-18 forward, the EMP-SSL loss, backward, LARS update; fp32 on
+a CPU, bf16 autocast on CUDA, eager) on a fixed patch tensor of the same geometry and batch, and
+to every source row ``share_of_step`` = t_pipeline / (t_pipeline + t_model) per patch: the
+fraction of a serial step (data, then model) the pipeline takes. At 224 px on a CPU use a small
+batch (the model does ~15 patches/s on 2 cores at width 64):
+
+    python benchmarks/pipeline_throughput.py --data data/imagewoof --n 20 --patch-size 112 \
+        --out-size 224 --batch-size 8 --model-step --model-width 64 --model-steps 1
 """
 from __future__ import annotations
 
@@ -70,6 +80,13 @@ def parse_args(argv=None):
                    help="dali/torchvision/ffcv: center-crop size for variable-size datasets")
     p.add_argument("--json", default="", help="output path (default benchmarks/results/...)")
     p.add_argument("--no-save", action="store_true", help="print only")
+    p.add_argument("--model-step", action="store_true",
+                   help="also time the training step (EmpStep) on the same patch batch: row "
+                        "model_step, and share_of_step on every source row")
+    p.add_argument("--model-width", type=int, default=64, help="ResNet-18 base width (paper: 64)")
+    p.add_argument("--model-stem", default="auto", choices=("auto", "cifar", "imagenet"),
+                   help="auto: imagenet when the patch output is >= 64 px (the presets' choice)")
+    p.add_argument("--model-steps", type=int, default=3, help="timed model steps per repeat")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # SOURCE,DEVICE,N: one row, as JSON
     return p.parse_args(argv)
 
@@ -140,6 +157,56 @@ def measure(name: str, root, split: str, device: torch.device, n: int, a, geom: 
     return row
 
 
+def measure_model(device: torch.device, n: int, a, geom: dict) -> dict:
+    """The model_step row: EmpStep on a fixed (n, B, 3, S, S) tensor, as make_patches lays it out."""
+    from model import LARS, EncoderConfig, build_encoder, lars_param_groups
+    from model.step import EmpStep, configure_cuda
+
+    cuda = device.type == "cuda"
+    if cuda:
+        configure_cuda()
+    stem = a.model_stem if a.model_stem != "auto" else ("imagenet" if geom["s"] >= 64 else "cifar")
+    torch.manual_seed(0)
+    model = build_encoder(EncoderConfig(width=a.model_width, stem=stem)).to(device).train()
+    model = model.to(memory_format=torch.channels_last)
+    opt = LARS(lars_param_groups(model), lr=0.3)
+    step_fn = EmpStep(model, model, opt, amp="bf16" if cuda else "fp32")
+    b, size = a.batch_size, geom["s"]
+    x = torch.rand(n * b, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last).view(n, b, 3, size, size)
+    row = {"source": "model_step", "device": device.type, "n": n, "width": a.model_width,
+           "stem": stem, "amp": "bf16" if cuda else "fp32",
+           "loadavg_1min_at_start": round(os.getloadavg()[0], 2)}
+    t0 = time.perf_counter()
+    step_fn(x, 0.3)
+    sync(device)
+    row["warmup_s"] = round(time.perf_counter() - t0, 3)
+    times = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        for _ in range(a.model_steps):
+            step_fn(x, 0.3)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    t, best = statistics.median(times), min(times)
+    per = a.model_steps * n * b
+    row.update(steps=a.model_steps, repeats=a.repeats, seconds=[round(x, 4) for x in times],
+               patches_per_s=round(per / t, 2), images_per_s=round(a.model_steps * b / t, 3),
+               patches_per_s_best=round(per / best, 2))
+    return row
+
+
+def add_shares(rows: list[dict]) -> None:
+    """share_of_step on every source row that has a model_step row of the same device and n."""
+    for r in rows:
+        m = next((x for x in rows if x["source"] == "model_step" and x["device"] == r["device"]
+                  and x["n"] == r["n"] and "patches_per_s" in x), None)
+        if m and r["source"] != "model_step" and "patches_per_s" in r:
+            tp, tm = 1 / r["patches_per_s"], 1 / m["patches_per_s"]
+            r["share_of_step"] = round(tp / (tp + tm), 4)
+            r["pipeline_over_model"] = round(tp / tm, 4)
+
+
 def measure_in_subprocess(name: str, dev: str, n: int, argv: list[str]) -> dict:
     """Each row in a fresh process: no threads, JIT state or caches left over by another source
     (DALI's and FFCV's thread pools would otherwise slow down whatever runs after them)."""
@@ -182,7 +249,9 @@ def main(argv=None) -> int:
     ns = [int(x) for x in a.n.split(",")]
     if a.one:
         name, dev, n = a.one.split(",")
-        print("ROW " + json.dumps(measure(name, root, a.split, torch.device(dev), int(n), a, geom)))
+        row = (measure_model(torch.device(dev), int(n), a, geom) if name == "model_step" else
+               measure(name, root, a.split, torch.device(dev), int(n), a, geom))
+        print("ROW " + json.dumps(row))
         return 0
     print(f"{root} [{a.split}]: {info.count} images {info.shape}, patches {geom['p']}->{geom['s']}, "
           f"batch {a.batch_size}, threads {a.threads}, devices {devices}", flush=True)
@@ -190,7 +259,7 @@ def main(argv=None) -> int:
     rows = []
     for dev in devices:
         for n in ns:
-            for name in sources:
+            for name in sources + (["model_step"] if a.model_step else []):
                 row = measure_in_subprocess(name, dev, n, argv)
                 rows.append(row)
                 if "skipped" in row:
@@ -198,10 +267,16 @@ def main(argv=None) -> int:
                 else:
                     print(f"  {dev:5s} n={n:<4d} {name:10s} {row['patches_per_s']:>11,.0f} patches/s "
                           f"{row['images_per_s']:>9,.0f} images/s", flush=True)
+            add_shares(rows)
+            for r in rows:
+                if r["device"] == dev and r["n"] == n and "share_of_step" in r:
+                    print(f"    {r['source']:10s} share of a serial step: {100 * r['share_of_step']:.1f}%",
+                          flush=True)
             ref = next((r for r in rows if r["source"] == "reference" and r["device"] == dev
                         and r["n"] == n and "patches_per_s" in r), None)
             for r in rows:
-                if ref and r["device"] == dev and r["n"] == n and "patches_per_s" in r:
+                if (ref and r["device"] == dev and r["n"] == n and "patches_per_s" in r
+                        and r["source"] != "model_step"):
                     r["vs_reference"] = round(r["patches_per_s"] / ref["patches_per_s"], 2)
                     r["vs_reference_best"] = round(r["patches_per_s_best"] / ref["patches_per_s_best"], 2)
             if ref:
@@ -214,6 +289,8 @@ def main(argv=None) -> int:
               "augmentation) vs the reference PIL path", "dataset": str(root), "split": a.split,
               "settings": {"batch_size": a.batch_size, "patch_size": geom["p"], "out_size": geom["s"],
                            "threads": a.threads, "warmup": a.warmup, "repeats": a.repeats,
+                           "model_step": a.model_step and {"width": a.model_width, "stem": a.model_stem,
+                                                           "steps": a.model_steps},
                            "steps": a.steps or f"auto (~{TARGET_PATCHES} patches per window)"},
               "rows": rows}
     if not a.no_save:

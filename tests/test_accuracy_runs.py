@@ -5,6 +5,7 @@ a second invocation skips what is done; bad steps are one-line errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,84 @@ def test_driver_bad_input_is_one_line(tmp_path):
         proc = run_tool(*args, check=False)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().count("\n") == 0 and why in proc.stderr
+
+
+def _tiny_imagenet_tree(src: Path, root: Path, extra: int = 2) -> list[str]:
+    """A Tiny ImageNet layout (wnids.txt, train/<wnid>/images, val/images + val_annotations.txt)
+    of real CIFAR JPEGs upscaled to 64 px, with ``extra`` classes appended to wnids.txt and
+    to the validation images, as the public copy has; returns the official class list."""
+    from PIL import Image
+
+    classes = sorted(p.name for p in (src / "train").iterdir())
+    wnids = [f"n{i:08d}" for i in range(len(classes) + extra)]
+    (root / "val" / "images").mkdir(parents=True)
+    lines, k = [], 0
+    for i, wnid in enumerate(wnids):
+        cls = classes[i % len(classes)]
+        (root / "train" / wnid / "images").mkdir(parents=True)
+        for j, f in enumerate(sorted((src / "train" / cls).iterdir())[:20]):
+            Image.open(f).resize((64, 64)).save(root / "train" / wnid / "images" / f"{wnid}_{j}.JPEG")
+        for f in sorted((src / "test" / cls).iterdir())[:5]:
+            Image.open(f).resize((64, 64)).save(root / "val" / "images" / f"val_{k}.JPEG")
+            lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t63\t63")
+            k += 1
+    (root / "wnids.txt").write_text("\n".join(wnids))
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines))
+    return wnids[:len(classes)]
+
+
+def test_tiny_steps_split_archive_converted_trained_and_probed_against_random_init(
+        cifar_jpeg_subset_dir, tmp_path):
+    """The GPU recipe at smoke scale: the raw Tiny ImageNet tree as a .tar.gz in parts
+    (`split -b`), reassembled (`cat`), converted by the driver with the official classes (the
+    two extra ones dropped), trained, probed beside a random-init encoder; not paired."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("split") and shutil.which("tar")):
+        pytest.skip("needs split and tar")
+    raw = tmp_path / "raw" / "tiny-imagenet-200"
+    official = _tiny_imagenet_tree(cifar_jpeg_subset_dir, raw)
+    classes = tmp_path / "wnids10.txt"
+    classes.write_text("\n".join(official) + "\n")
+    dev = tmp_path / "device"
+    dev.mkdir()
+    subprocess.run(["tar", "-czf", str(dev / "tiny.tar.gz"), "-C", str(raw.parent),
+                    "tiny-imagenet-200/wnids.txt", "tiny-imagenet-200/train", "tiny-imagenet-200/val"],
+                   check=True)
+    whole = (dev / "tiny.tar.gz").read_bytes()
+    subprocess.run(["split", "-b", "100K", str(dev / "tiny.tar.gz"), str(dev / "tiny.part.")], check=True)
+    (dev / "tiny.tar.gz").unlink()
+    parts = sorted(dev.glob("tiny.part.*"))
+    assert len(parts) >= 2 and all(p.stat().st_size <= 100 * 1024 for p in parts)
+    (dev / "tiny.tar.gz").write_bytes(b"".join(p.read_bytes() for p in parts))  # = cat parts
+    assert (dev / "tiny.tar.gz").read_bytes() == whole
+
+    out, data_dir = tmp_path / "results", tmp_path / "data"
+    proc = run_tool("benchmarks/accuracy_runs.py", "--smoke", "--steps", "tiny_s0", "--tiny",
+                    str(dev / "tiny.tar.gz"), "--tiny-classes", str(classes), "--data-dir",
+                    str(data_dir), "--out", str(out), "--runs", str(tmp_path / "runs"),
+                    "--threads", "1")
+    assert "0 failed" in proc.stdout
+    manifest = json.loads((data_dir / "tinyimagenet" / "manifest.json").read_text())
+    assert manifest["classes"] == official
+    trained = json.loads((out / "probe_tiny_s0.json").read_text())
+    rand = json.loads((out / "probe_tiny_s0.random_init.json").read_text())
+    assert trained["num_test"] == rand["num_test"] == 50  # 10 classes x 5 val images, extras gone
+    assert trained["dataset"]["name"] == "tinyimagenet" and not trained["dataset"]["source"].startswith("/")
+    t = json.loads((out / "train_tiny_s0.json").read_text())
+    assert t["config"] == "configs/tinyimagenet.yaml" and t["train_summary"]["steps"] == 2
+    assert t["train_command"].startswith("python train.py") and "--random-init" in t["random_init_probe_command"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["comparisons"] == {} and "tiny" in summary["dataset_scales"]
+    assert {r["step"] for r in summary["accuracies"]} == {"tiny_s0", "tiny_s0.random_init"}
+    assert [p.name for p in out.glob("compare_*")] == ["compare_tiny_s0_vs_random_init.json"]
+    pair = json.loads((out / "compare_tiny_s0_vs_random_init.json").read_text())["pairs"][0]["linear"]
+    assert pair["pairs"] == 50 and pair["acc_a"] == trained["linear_top1"] and pair["acc_b"] == rand["linear_top1"]
+
+
+def test_dataset_steps_need_their_data(tmp_path):
+    for step, flag in (("tiny_s0", "--tiny"), ("in100_e10_s0", "--in100")):
+        proc = run_tool("benchmarks/accuracy_runs.py", "--smoke", "--steps", step, "--out",
+                        str(tmp_path / "o"), check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and flag in proc.stderr

@@ -196,3 +196,19 @@ def test_startup_benchmark_reports_the_breakdown(cifar_subset_data, tmp_path):
     assert med["time_to_first_step_s"] > 0 and med["startup_s"]["first_step"] > 0
     assert {"imports", "data", "model", "flop_count"} <= set(med["startup_s"])
     assert med["probe_process_s"] > med["probe_timings_s"]["total"] > 0
+
+
+def test_pipeline_throughput_model_step_share(cifar_subset_data, tmp_path):
+    """--model-step: a model_step row on the same patch batch, and each source's share of a
+    serial step computed from the two rates."""
+    out = tmp_path / "pipe.json"
+    run_tool("benchmarks/pipeline_throughput.py", "--data", str(cifar_subset_data), "--n", "2",
+             "--batch-size", "4", "--sources", "memory", "--devices", "cpu", "--steps", "1",
+             "--repeats", "1", "--warmup", "1", "--threads", "1", "--model-step", "--model-width", "8",
+             "--model-steps", "1", "--json", str(out))
+    rows = {r["source"]: r for r in json.loads(out.read_text())["rows"]}
+    model, mem = rows["model_step"], rows["memory"]
+    assert model["stem"] == "cifar" and model["width"] == 8 and model["patches_per_s"] > 0
+    tp, tm = 1 / mem["patches_per_s"], 1 / model["patches_per_s"]
+    assert abs(mem["share_of_step"] - tp / (tp + tm)) < 1e-3 and 0 < mem["share_of_step"] < 1
+    assert "vs_reference" not in model
