@@ -101,11 +101,52 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
+class ShortcutConv2d(nn.Conv2d):
+    """The downsample shortcut's 1x1 / ``stride`` conv; an ``nn.Conv2d`` with the same
+    parameters and state-dict keys, whose forward on CPU tensors with fewer than 8 input
+    channels is the strided subsample ``x[..., ::s, ::s]`` followed by the same conv at stride
+    1 (a 1x1 conv without padding reads only those pixels, so this is the same function, and
+    its weight gradient is the same sum over the same products).
+
+    Why: oneDNN's AVX2 1x1 convolution, backward of the weights
+    (``jit_1x1:avx2`` / ``jit_avx2_1x1_convolution_bwd_weights_t``), is broken for a 1x1
+    stride-2 conv on channels-last input with 2..7 input channels and a batch of 2 or more:
+    wrong weight gradients (relative error ~0.5), hangs at 100% CPU, bus errors, segfaults,
+    ``free(): invalid next size``, with any number of OpenMP threads. Seen with torch 2.14.1
+    (oneDNN v3.12.0, commit 80afa71049cd69a3df32adcccb623b12cd7baa22, as
+    ``torch.__config__.show()`` reports) on an AVX2-only AMD EPYC, and reproduced on an
+    AVX-512 Xeon with ``ONEDNN_MAX_CPU_ISA=AVX2`` (which makes oneDNN pick the AVX2 kernels):
+
+        conv = torch.nn.Conv2d(4, 8, 1, stride=2, bias=False).to(memory_format=torch.channels_last)
+        x = torch.randn(24, 4, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+        conv(x).sum().backward()   # wrong conv.weight.grad, or never returns, or crashes
+
+    Measured under the AVX2 cap: 1 input channel, 8 or more, batch 1, stride 1, NCHW, a 3x3
+    stride-2 conv, and the native AVX-512 kernels are all fine (docs/troubleshooting.md has the
+    table; tests/test_onednn_hazard.py runs the reproduction in a subprocess). In this ResNet
+    the affected shortcut occurs only for widths below 8 (stage 2's input has ``width``
+    channels), e.g. the tests' width-4 nets; real widths (16 and up) never take this path.
+    The stride-1 1x1 conv it runs instead is not affected. The check is on static properties
+    (device type, channel count, kernel), so torch.compile traces one branch; the subsample
+    copies only the tiny (< 8-channel) input, and CUDA / meta tensors take the plain conv."""
+
+    def _routes_around_onednn(self, x: Tensor) -> bool:
+        return (x.device.type == "cpu" and self.in_channels < 8 and self.groups == 1
+                and self.kernel_size == (1, 1) and self.padding == (0, 0)
+                and self.dilation == (1, 1) and self.stride != (1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._routes_around_onednn(x):
+            sh, sw = self.stride
+            return F.conv2d(x[..., ::sh, ::sw], self.weight, self.bias)  # stride 1
+        return super().forward(x)
+
+
 def _make_stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     downsample = None
     if stride != 1 or inplanes != planes:
         downsample = nn.Sequential(
-            nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
+            ShortcutConv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
             nn.BatchNorm2d(planes),
         )
     layers = [BasicBlock(inplanes, planes, stride=stride, downsample=downsample)]

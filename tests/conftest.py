@@ -69,3 +69,28 @@ def cifar_subset_data(cifar_subset_dir, tmp_path_factory) -> Path:
     run_tool("tools/convert_datasets.py", str(cifar_subset_dir), "--name", "cifar10-subset",
              "--out", str(out))
     return out / "cifar10-subset"
+
+
+def pytest_configure(config):
+    """pytest-timeout (setup.cfg: ``timeout``, ``timeout_method = thread``) dumps the threads'
+    stacks and ends the process when a test runs past its limit; put the test's id and its limit
+    in front of that dump, so the failure names the test even with ``-q``."""
+    try:
+        import pytest_timeout
+    except ImportError:
+        return
+    dump = getattr(pytest_timeout, "timeout_timer", None)
+    if dump is None or getattr(dump, "_names_the_test", False):
+        return
+
+    def named_dump(item, settings):
+        capman = item.config.pluginmanager.getplugin("capturemanager")
+        if capman:
+            capman.suspend_global_capture(item)
+        item.config.get_terminal_writer().line(
+            f"\nTIMEOUT: {item.nodeid} ran past its limit of {settings.timeout:g} s "
+            "(pytest-timeout; its threads' stacks follow, then pytest exits)", red=True, bold=True)
+        dump(item, settings)
+
+    named_dump._names_the_test = True
+    pytest_timeout.timeout_timer = named_dump
