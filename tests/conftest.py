@@ -7,7 +7,7 @@ test images. Without them, or with ``EMP_SSL_NO_SHARED=1`` in the environment (t
 view on a machine that has ``../shared``), they are crops of the two photographs scikit-learn
 ships (tests/sample_images.py): 4 classes of 125 train and 25 test images, PNG and JPEG. Both
 are 32x32 RGB, 500 + 100 pictures. Tests read classes and counts from the data; the few that
-are about CIFAR-10 itself skip without it (``needs_shared_cifar``).
+are about CIFAR-10 itself (test_convert.py's whole-archive conversion) skip without it.
 
 The fixtures keep their historical names (``cifar_subset_dir``, ``cifar_jpeg_subset_dir``,
 ``cifar_subset_data``); ``real_images_dir``, ``real_jpeg_images_dir`` and ``real_images_data``
@@ -35,10 +35,6 @@ USE_SHARED_JPEG = not NO_SHARED and SHARED_CIFAR_JPEG.is_file()
 REAL_IMAGES = "cifar10" if USE_SHARED else "sample-images"
 # the converted fixture's dataset name (data/<name>, manifest "name", probe feature caches)
 REAL_IMAGES_NAME = "cifar10-subset" if USE_SHARED else "sample-images"
-
-needs_shared_cifar = pytest.mark.skipif(
-    not USE_SHARED, reason="about CIFAR-10 itself: needs ../shared/datasets/cifar10-*.tar.xz"
-    + (" (EMP_SSL_NO_SHARED is set)" if NO_SHARED else ""))
 
 
 def pytest_report_header(config) -> str:
