@@ -6,7 +6,7 @@ ImageFolder of N and then 10 N large JPEGs -- the peak must not grow with N.
 
 Images: the lossless CIFAR-10 train PNGs (--source, default ../shared/datasets/cifar10-png.tar.xz,
 or any ImageFolder directory/archive) upscaled to --side (256) px, bicubic, saved as JPEG q90
-(4:2:0), N/10 a class, the first ones of each class: every size holds the images of the smaller
+(4:2:0), N/10 a class (N/classes for a directory), the first ones of each class: every size holds the images of the smaller
 ones. Each size is converted by a fresh process (all three formats, --workers), which reports:
 
     peak_rss_main_mib     the converting process' peak resident memory (getrusage: exact). It
@@ -130,7 +130,10 @@ def make_folders(source: Path, sizes: list[int], side: int, work: Path,
     """ImageFolder per size (train/<class>/*.jpg), the smaller ones hard links into the
     largest; {size: (folder, JPEG bytes in it)}."""
     big = max(sizes)
-    classes = 10
+    classes = 10  # CIFAR-10 in a tar; a directory says how many it holds
+    if source.is_dir():
+        train = next(p for p in [source / "train", *source.glob("*/train")] if p.is_dir())
+        classes = sum(p.is_dir() for p in train.iterdir())
     root = work / f"jpeg{side}_{big}"
     done = root / ".complete"
     if not done.is_file():

@@ -1,8 +1,21 @@
-"""Shared fixtures: the real CIFAR-10 from ../shared (the lossless PNG archive where it exists,
-else the JPEG copy), a small subset of it, converted; and a subset of the JPEG copy for the
-tests that need real JPEG files (shards, decoders)."""
+"""Shared fixtures: a small ImageFolder of real pictures, converted; and a JPEG copy of it for
+the tests that need real JPEG files (shards, decoders).
+
+Where ``../shared/datasets`` holds the CIFAR-10 archives, the pictures are a subset of CIFAR-10
+(the lossless PNG archive where it exists, else the JPEG copy): 10 classes of 50 train and 10
+test images. Without them, or with ``EMP_SSL_NO_SHARED=1`` in the environment (to test a clone's
+view on a machine that has ``../shared``), they are crops of the two photographs scikit-learn
+ships (tests/sample_images.py): 4 classes of 125 train and 25 test images, PNG and JPEG. Both
+are 32x32 RGB, 500 + 100 pictures. Tests read classes and counts from the data; the few that
+are about CIFAR-10 itself (test_convert.py's whole-archive conversion) skip without it.
+
+The fixtures keep their historical names (``cifar_subset_dir``, ``cifar_jpeg_subset_dir``,
+``cifar_subset_data``); ``real_images_dir``, ``real_jpeg_images_dir`` and ``real_images_data``
+are the same fixtures under honest names. ``REAL_IMAGES`` says which data a run uses (printed in
+pytest's header)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -15,6 +28,20 @@ SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 SHARED_CIFAR_PNG = SHARED_DATASETS / "cifar10-png.tar.xz"  # lossless: 50,000 train, 1,000 test
 SHARED_CIFAR_JPEG = SHARED_DATASETS / "cifar10-jpeg.tar.xz"  # JPEG q75 copy: 50,000 + 10,000
 SHARED_CIFAR = SHARED_CIFAR_PNG if SHARED_CIFAR_PNG.is_file() else SHARED_CIFAR_JPEG
+# EMP_SSL_NO_SHARED=1: behave as a clone without ../shared (sample-image crops, CIFAR tests skip)
+NO_SHARED = os.environ.get("EMP_SSL_NO_SHARED", "") not in ("", "0")
+USE_SHARED = not NO_SHARED and SHARED_CIFAR.is_file()
+USE_SHARED_JPEG = not NO_SHARED and SHARED_CIFAR_JPEG.is_file()
+REAL_IMAGES = "cifar10" if USE_SHARED else "sample-images"
+# the converted fixture's dataset name (data/<name>, manifest "name", probe feature caches)
+REAL_IMAGES_NAME = "cifar10-subset" if USE_SHARED else "sample-images"
+
+
+def pytest_report_header(config) -> str:
+    if USE_SHARED:
+        return f"real images: CIFAR-10 subsets of {SHARED_CIFAR} (and {SHARED_CIFAR_JPEG.name})"
+    why = "EMP_SSL_NO_SHARED is set" if NO_SHARED else f"no {SHARED_DATASETS}/cifar10-*.tar.xz"
+    return f"real images: crops of scikit-learn's sample photographs ({why})"
 
 
 def run_tool(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -29,8 +56,6 @@ def run_tool(*args: str, check: bool = True, timeout: float = 600) -> subprocess
 def _subset(archive: Path, out: Path, want: dict[str, int]) -> Path:
     """Stream ``archive`` once and write only the first ``want[split]`` files of each class
     (in archive order) into ``out`` as an ImageFolder."""
-    if not archive.is_file():
-        pytest.skip(f"{archive} not found (tests read the real data from ../shared)")
     taken: dict[tuple[str, str], int] = {}
     with tarfile.open(archive, "r|xz") as tf:
         for m in tf:
@@ -47,28 +72,57 @@ def _subset(archive: Path, out: Path, want: dict[str, int]) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def cifar_subset_dir(tmp_path_factory) -> Path:
-    """A real-CIFAR ImageFolder with 50 train and 10 test images per class (500 + 100), from the
-    lossless archive where it exists (PNG files), else from the JPEG copy."""
-    return _subset(SHARED_CIFAR, tmp_path_factory.mktemp("cifar-subset"), {"train": 50, "test": 10})
+def _sample_images(out: Path, fmt: str) -> Path:
+    from sample_images import build
+    return build(out, fmt)
 
 
 @pytest.fixture(scope="session")
-def cifar_jpeg_subset_dir(tmp_path_factory) -> Path:
-    """Real CIFAR JPEG files (the shared JPEG copy), 50 train and 10 test images per class, for
-    the tests of JPEG pass-through, the shard format and its decoders."""
-    return _subset(SHARED_CIFAR_JPEG, tmp_path_factory.mktemp("cifar-jpeg-subset"),
-                   {"train": 50, "test": 10})
+def real_images_dir(tmp_path_factory) -> Path:
+    """An ImageFolder of 500 train and 100 test real 32x32 pictures: a CIFAR-10 subset (50 and
+    10 a class) from the lossless archive where it exists (PNG files), else from the JPEG copy;
+    without ../shared, sample-image crops as PNG files (125 and 25 a class)."""
+    out = tmp_path_factory.mktemp("real-images")
+    if USE_SHARED:
+        return _subset(SHARED_CIFAR, out, {"train": 50, "test": 10})
+    return _sample_images(out, "png")
 
 
 @pytest.fixture(scope="session")
-def cifar_subset_data(cifar_subset_dir, tmp_path_factory) -> Path:
-    """cifar_subset_dir converted to all three formats: the data/<name> directory."""
+def real_jpeg_images_dir(tmp_path_factory) -> Path:
+    """Real JPEG files, 500 train and 100 test, for the tests of JPEG pass-through, the shard
+    format and its decoders: the shared CIFAR-10 JPEG copy's first 50 and 10 a class, or the
+    sample-image crops as JPEG files (quality 75, 4:2:0, as the shared copy)."""
+    out = tmp_path_factory.mktemp("real-jpeg-images")
+    if USE_SHARED_JPEG:
+        return _subset(SHARED_CIFAR_JPEG, out, {"train": 50, "test": 10})
+    return _sample_images(out, "jpeg")
+
+
+@pytest.fixture(scope="session")
+def real_images_data(real_images_dir, tmp_path_factory) -> Path:
+    """real_images_dir converted to all three formats: the data/<name> directory (name
+    ``REAL_IMAGES_NAME``)."""
     out = tmp_path_factory.mktemp("data")
-    run_tool("tools/convert_datasets.py", str(cifar_subset_dir), "--name", "cifar10-subset",
+    run_tool("tools/convert_datasets.py", str(real_images_dir), "--name", REAL_IMAGES_NAME,
              "--out", str(out))
-    return out / "cifar10-subset"
+    return out / REAL_IMAGES_NAME
+
+
+# the historical names (every test used CIFAR-10 before the sample images existed)
+@pytest.fixture(scope="session")
+def cifar_subset_dir(real_images_dir) -> Path:
+    return real_images_dir
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg_subset_dir(real_jpeg_images_dir) -> Path:
+    return real_jpeg_images_dir
+
+
+@pytest.fixture(scope="session")
+def cifar_subset_data(real_images_data) -> Path:
+    return real_images_data
 
 
 def pytest_configure(config):

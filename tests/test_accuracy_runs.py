@@ -1,5 +1,5 @@
 """benchmarks/accuracy_runs.py, the one driver of the accuracy runs, at its smoke scale on the
-CPU: a lossless subset of the real CIFAR-10 and its JPEG twin (the same pictures re-encoded at
+CPU: conftest.py's lossless real pictures (CIFAR-10 or sample images) and their JPEG twin (the same pictures re-encoded at
 quality 75, 4:2:0, as the shared JPEG copy is), trained, probed, compared paired, summarised;
 a second invocation skips what is done; bad steps are one-line errors."""
 from __future__ import annotations
@@ -27,9 +27,10 @@ def test_parse_steps():
 @pytest.fixture(scope="module")
 def jpeg_twin(cifar_subset_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("twin")
+    twin = out / f"{cifar_subset_data.name}_jpeg"  # cifar10-subset_jpeg or sample-images_jpeg
     run_tool("benchmarks/reencode_jpeg.py", str(cifar_subset_data), str(out / "q75.tar"), "--quality", "75",
-             "--convert-to", str(out / "cifar10_jpeg"))
-    return out / "cifar10_jpeg"
+             "--convert-to", str(twin))
+    return twin
 
 
 def test_driver_smoke_trains_probes_and_pairs(cifar_subset_data, jpeg_twin, tmp_path):
@@ -45,7 +46,7 @@ def test_driver_smoke_trains_probes_and_pairs(cifar_subset_data, jpeg_twin, tmp_
         t = json.loads((out / f"train_{step}.json").read_text())
         assert t["train_summary"]["steps"] == 2 and t["seed"] == int(step[-1]) and t["scale"] == "smoke"
     assert json.loads((out / "train_ref_s0.json").read_text())["train_summary"]["source"] == "reference"
-    assert json.loads((out / "probe_jpeg_s0.json").read_text())["dataset"]["name"] == "cifar10_jpeg"
+    assert json.loads((out / "probe_jpeg_s0.json").read_text())["dataset"]["name"] == jpeg_twin.name
     for name in ("compare_jpeg_s0", "compare_jpeg_s1", "compare_ref_s0"):
         c = json.loads((out / f"{name}.json").read_text())["pairs"][0]["linear"]
         assert c["pairs"] == 100 and c["a_only"] + c["both_right"] == round(100 * c["acc_a"])

@@ -36,7 +36,8 @@ def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
     assert all(0 <= p["linear_top1"] <= 1 and p["train_minutes"] > 0 for p in tta["points"])
     # the monitor's curve from the same run: every half epoch of 5 steps = every 2 steps, and the end
     mon = tta["monitor"]
-    assert [m["step"] for m in mon] == [2, 4, 5] and all(m["test_images"] == 100 for m in mon)
+    n_test = json.loads((cifar_subset_data / "manifest.json").read_text())["splits"]["test"]["count"]
+    assert [m["step"] for m in mon] == [2, 4, 5] and all(m["test_images"] == n_test for m in mon)
     assert all(0 <= m["knn_top1"] <= 1 and 0 <= m["linear_top1"] <= 1 for m in mon)
     assert [m["train_s"] for m in mon] == sorted(m["train_s"] for m in mon)
     assert tta["points"][-1]["train_minutes"] * 60 >= mon[-1]["train_s"]
@@ -58,7 +59,7 @@ def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
     # one table row per probed point, with the schedule length and the extra train.py arguments
     assert tta["train_args"].startswith("--num-patches 4")
     rows = [r for r in report.splitlines() if r.endswith("| time_to_accuracy_smoke.json |")]
-    assert len(rows) == 2 and all(r.startswith("| demo.yaml | cifar10-subset | 1 | --num-patches 4 ")
+    assert len(rows) == 2 and all(r.startswith(f"| demo.yaml | {cifar_subset_data.name} | 1 | --num-patches 4 ")
                                   for r in rows)
 
 
@@ -82,6 +83,7 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
     from pipeline.sources.memory import load_memory_arrays
 
     src, res = cifar_subset_data, tmp_path / "results"
+    n_classes = len(load_manifest(src).classes)
     errors = {}
     for q, sub in ((100, "444"), (50, "420"), (20, "420")):
         tar = tmp_path / f"q{q}.tar"
@@ -98,13 +100,14 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
         for split in ("train", "test"):
             orig, olab = load_memory_arrays(src, split)
             new, nlab = load_memory_arrays(tmp_path / f"q{q}", split)
-            keep = np.concatenate([np.flatnonzero(olab == c)[:5] for c in range(10)])
-            assert new.shape == (50, 32, 32, 3) and np.array_equal(np.sort(nlab), np.sort(olab[keep]))
+            keep = np.concatenate([np.flatnonzero(olab == c)[:5] for c in range(n_classes)])
+            assert new.shape == (5 * n_classes, 32, 32, 3)
+            assert np.array_equal(np.sort(nlab), np.sort(olab[keep]))
             # the converter lists files by name: class by class, indices ascending = keep's order
             diff = np.abs(new.astype(np.int16) - orig[keep].astype(np.int16))
             errors.setdefault(q, []).append(diff.mean())
         stats = json.loads((res / f"reencode_q{q}.json").read_text())
-        assert stats["splits"]["train"]["images"] == 50
+        assert stats["splits"]["train"]["images"] == 5 * n_classes
         assert abs(stats["splits"]["train"]["mae"] - errors[q][0]) < 1e-6
     assert max(errors[100]) < 1.0 < min(errors[50]) and max(errors[50]) < min(errors[20])
     run_tool("benchmarks/report.py", "--results", str(res))
@@ -135,7 +138,7 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
     run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "20",
              "--max-per-class", "2", "--convert-to", str(tmp_path / "q50"), "--overwrite")
     m = load_manifest(tmp_path / "q50")
-    assert m.splits["train"].count == 20 and "re-encoded at JPEG quality 20 420" in m.source
+    assert m.splits["train"].count == 2 * n_classes and "re-encoded at JPEG quality 20 420" in m.source
     bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "x.tar"), "--quality", "0",
                    check=False)
     assert bad.returncode == 2 and "--quality 0" in bad.stderr and not (tmp_path / "x.tar").exists()

@@ -24,8 +24,8 @@ TOOL = ROOT / "tools" / "convert_datasets.py"
 
 
 def _cifar_pictures(subset: Path, split: str, per_class: int) -> list[tuple[str, str, np.ndarray]]:
-    """(class, stem, RGB uint8) of the first ``per_class`` images of each class of the shared
-    CIFAR subset, whatever their file format."""
+    """(class, stem, RGB uint8) of the first ``per_class`` images of each class of conftest.py's
+    real pictures (the CIFAR-10 subset or the sample-image crops), whatever their file format."""
     out = []
     for cls in sorted(p.name for p in (subset / split).iterdir()):
         for f in sorted((subset / split / cls).iterdir())[:per_class]:
@@ -53,14 +53,14 @@ def _manifest(root: Path) -> dict:
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_images(cifar_subset_dir, tmp_path):
-    """Convert 160 and then 640 real CIFAR pictures upscaled to 256 px (JPEG), all three
+    """Convert 160 and then 640 real pictures (conftest.py's, repeated) upscaled to 256 px (JPEG), all three
     formats, 2 workers: the converting process' peak resident memory (getrusage, exact) grows
     by far less than the 96 MiB of pixels the extra 480 images hold (a converter holding a
     split in memory grows by at least that)."""
     from benchmarks.convert_memory import run_measured
 
-    pictures = _cifar_pictures(cifar_subset_dir, "train", 50)  # 500
-    pictures = (pictures * 2)[:640]
+    pictures = _cifar_pictures(cifar_subset_dir, "train", 10**6)  # all 500
+    pictures = (pictures * -(-640 // len(pictures)))[:640]
     sizes, side, peaks = (160, 640), 256, {}
     for n in sizes:
         picked = sorted(pictures[:n], key=lambda p: p[0])
@@ -99,13 +99,15 @@ def _records(out: Path, split: str) -> list[Path]:
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_killed_conversion_resumes_to_the_same_bytes(cifar_subset_dir, tmp_path, how):
-    """A real-CIFAR ImageFolder whose 28th train image is a FIFO: the converter finishes
+    """A real-picture ImageFolder (60 of conftest.py's) whose 28th train image is a FIFO: the converter finishes
     chunks 0 and 1 (10 images each), then blocks reading it. Stopped there by SIGTERM (a
     signal: clean exit 143, chunks kept) or SIGKILL (a crash: no clean-up at all), then the FIFO
     is replaced by the picture and --resume finishes: every file's sha256 equals an
     uninterrupted conversion's, --verify passes, and the two finished shards were not
     rewritten (same inode and mtime) nor their 20 images decoded again."""
-    pictures = _cifar_pictures(cifar_subset_dir, "train", 6)  # 60: classes of 6
+    n_classes = len(list((cifar_subset_dir / "train").iterdir()))
+    pictures = _cifar_pictures(cifar_subset_dir, "train", 60 // n_classes)  # 60: 10 classes of 6
+    assert len(pictures) >= 30
     full = _jpeg_folder(tmp_path / "full", pictures)
     for cls, stem, px in _cifar_pictures(cifar_subset_dir, "test", 2):
         (full / "test" / cls).mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """probe.py and model/linear_probe.py: the probe math on synthetic features, then the CLI end
-to end on real CIFAR-10 images (CPU, a width-16 encoder): outputs, the feature cache, transfer,
+to end on real pictures (conftest.py's) (CPU, a width-16 encoder): outputs, the feature cache, transfer,
 the random-init baseline and every bad-input case."""
 from __future__ import annotations
 
@@ -213,10 +213,11 @@ def test_cli_end_to_end_writes_results_and_plots(cifar_subset_data, tmp_path):
         assert 0.0 <= r[key] <= 1.0  # fractions
     assert r["linear_best_top1"] >= r["linear_top1"]
     assert r["linear_top1"] == r["linear_history"][-1]["test_top1"] and len(r["linear_history"]) == 5
-    assert r["num_train"] == 500 and r["num_test"] == 100
+    m = load_manifest(cifar_subset_data)
+    assert r["num_train"] == m.splits["train"].count and r["num_test"] == m.splits["test"].count
     assert r["feature"] == "pre_projector" and r["feature_dim"] == 64  # the default: first projector block
     assert r["test_patches"] == 4 and r["eval_mode"] == "augmented" and r["random_init"] is False
-    assert r["dataset"]["name"] == "cifar10-subset" and r["dataset"]["test_split"] == "test"
+    assert r["dataset"]["name"] == m.name == cifar_subset_data.name and r["dataset"]["test_split"] == "test"
     assert r["checkpoint"]["sha256"] == probe.sha256_file(ckpt)
     assert r["checkpoint"]["augment"]["blur_p"] == 0.0  # the recipe saved with the run
     assert r["features_cached"] == {"train": False, "test": False}
@@ -288,8 +289,10 @@ def test_random_init_subset_pre_projector_and_transfer(cifar_subset_data, tmp_pa
         assert is_png(out / name), name
 
     # the seeded subset is a mix of classes, not the first 40 of a class-sorted split
-    cached = [torch.load(p, weights_only=True) for p in (run / "features").glob("cifar10-subset-train-*.pt")]
-    assert len(cached) == 1 and len(cached[0]["labels"].unique()) >= 5
+    cached = [torch.load(p, weights_only=True)
+              for p in (run / "features").glob(f"{cifar_subset_data.name}-train-*.pt")]
+    n_classes = len(load_manifest(cifar_subset_data).classes)  # 10 or 4
+    assert len(cached) == 1 and len(cached[0]["labels"].unique()) >= min(5, n_classes)
 
 
 def bad(args: list[str], capsys) -> str:

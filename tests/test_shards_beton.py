@@ -1,4 +1,4 @@
-"""The DALI shard and FFCV .beton writers/readers, on real CIFAR-10 JPEGs."""
+"""The DALI shard and FFCV .beton writers/readers, on real JPEGs (conftest.py's JPEG pictures)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,12 +16,15 @@ from pipeline.shards import INDEX_VERSION, index_count, read_shards, sample_key,
 
 @pytest.fixture(scope="module")
 def real_samples(cifar_jpeg_subset_dir) -> list[tuple[bytes, int]]:
-    """3 real CIFAR JPEGs of each of the 10 classes, class-major: 30 (jpeg_bytes, label)."""
+    """30 real JPEGs (jpeg_bytes, label), class-major, as even across the classes as 30 allows:
+    3 of each of CIFAR-10's 10 classes, or 8, 8, 8 and 6 of the sample images' 4."""
     classes = sorted(p.name for p in (cifar_jpeg_subset_dir / "train").iterdir())
     out = []
     for label, name in enumerate(classes):
-        for f in sorted((cifar_jpeg_subset_dir / "train" / name).iterdir())[:3]:
+        k = 30 // len(classes) + (label < 30 % len(classes))
+        for f in sorted((cifar_jpeg_subset_dir / "train" / name).iterdir())[:k]:
             out.append((f.read_bytes(), label))
+    assert len(out) == 30
     return out
 
 

@@ -1,4 +1,5 @@
-"""The dali and ffcv sources on a small real-CIFAR dataset written by our own writers."""
+"""The dali and ffcv sources on a small real-image dataset (conftest.py's JPEG pictures) written by
+our own writers."""
 from __future__ import annotations
 
 import builtins
@@ -14,7 +15,7 @@ from pipeline.formats import (Manifest, SplitInfo, dali_dir, ffcv_path, save_man
 from pipeline.shards import write_shards
 from pipeline.sources.base import SourceOptions
 
-N_TRAIN = 30  # 3 per class: divisible by the world sizes 2 and 3 below
+N_TRAIN = 30  # 3 a class of CIFAR-10, 8/8/8/6 of the sample images: divisible by the world sizes 2, 3
 # DALI's CPU decoder and PIL are both libjpeg-turbo: on the 500 CIFAR train JPEGs of the subset
 # they decoded identically (max difference 0, DALI 2.4 / Pillow 13); 1 level of slack for other
 # library versions. nvJPEG on the GPU has its own IDCT: only nearest-match identity is asserted.
@@ -28,7 +29,7 @@ def _pil(jpeg: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def data(cifar_jpeg_subset_dir, tmp_path_factory):
-    """data/<name> with a fixed-size 'train' split (30 real CIFAR JPEGs, dali + ffcv raw) and a
+    """data/<name> with a fixed-size 'train' split (30 real JPEGs, dali + ffcv raw) and a
     variable-size 'val' split (crops of them re-encoded, dali + ffcv jpg); returns
     (root, train pixels (30, 32, 32, 3), train labels (30,))."""
     from pipeline.beton import write_beton
@@ -36,11 +37,13 @@ def data(cifar_jpeg_subset_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "tiny"
     classes = sorted(p.name for p in (cifar_jpeg_subset_dir / "train").iterdir())
     jpegs, labels = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((cifar_jpeg_subset_dir / "train" / name).iterdir())[:3]:
+    for label, name in enumerate(classes):  # class-major, as even as 30 allows
+        k = N_TRAIN // len(classes) + (label < N_TRAIN % len(classes))
+        for f in sorted((cifar_jpeg_subset_dir / "train" / name).iterdir())[:k]:
             jpegs.append(f.read_bytes())
             labels.append(label)
     labels = np.array(labels, dtype=np.int64)
+    class_counts = np.bincount(labels, minlength=len(classes)).tolist()
     pixels = np.stack([_pil(j) for j in jpegs])  # (30, 32, 32, 3)
     # store in a shuffled order, as a converter should (DALI shuffles within a buffer only)
     store = np.random.default_rng(0).permutation(N_TRAIN)
@@ -60,7 +63,7 @@ def data(cifar_jpeg_subset_dir, tmp_path_factory):
 
     save_manifest(root, Manifest(
         name="tiny", source=str(cifar_jpeg_subset_dir), classes=classes,
-        splits={"train": SplitInfo(N_TRAIN, [32, 32, 3], [3] * 10),
+        splits={"train": SplitInfo(N_TRAIN, [32, 32, 3], class_counts),
                 "val": SplitInfo(12, None, [])},
         mean=[0.5] * 3, std=[0.25] * 3, formats=["ffcv", "dali"]))
     return root, pixels, labels

@@ -1,5 +1,5 @@
 """The torchvision source (the shards decoded by torchvision.io, no DALI) against the memory
-source, on real CIFAR-10 pictures stored as JPEGs; and --source auto's choice of decoder."""
+source, on real pictures (conftest.py's) stored as JPEGs; and --source auto's choice of decoder."""
 from __future__ import annotations
 
 import builtins
@@ -33,12 +33,15 @@ RESIZE_TOLERANCE = 1
 
 @pytest.fixture(scope="module")
 def jpeg_data(cifar_subset_dir, tmp_path_factory) -> Path:
-    """8 train pictures a class of the shared CIFAR subset, re-encoded as JPEG q90 (whatever the
-    subset's own format), converted to memory + dali shards of 25 samples."""
+    """80 train and 20 test pictures of conftest.py's real pictures (8 and 2 a class of CIFAR-10,
+    20 and 5 of the sample images; as even as the class count allows), re-encoded as JPEG q90
+    (whatever the subset's own format), converted to memory + dali shards of 25 samples."""
     src = tmp_path_factory.mktemp("jpeg-src")
-    for split, per_class in (("train", 8), ("test", 2)):
-        for cls_dir in sorted((cifar_subset_dir / split).iterdir()):
-            for f in sorted(cls_dir.iterdir())[:per_class]:
+    for split, total in (("train", 80), ("test", 20)):
+        class_dirs = sorted((cifar_subset_dir / split).iterdir())
+        for c, cls_dir in enumerate(class_dirs):
+            k = total // len(class_dirs) + (c < total % len(class_dirs))
+            for f in sorted(cls_dir.iterdir())[:k]:
                 dst = src / split / cls_dir.name / f"{f.stem}.jpg"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 with Image.open(f) as im:
@@ -84,7 +87,8 @@ def test_order_resume_and_ranks(jpeg_data):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[3:], tail))
     assert labels(_epoch(src, 3)) != labels(full)  # a new permutation each epoch
     unshuffled = _epoch(_src("torchvision", jpeg_data, shuffle=False, drop_last=False), 0)
-    assert labels(unshuffled) == [c for c in range(10) for _ in range(8)]  # stored order
+    counts = json.loads((jpeg_data / "manifest.json").read_text())["splits"]["train"]["class_counts"]
+    assert labels(unshuffled) == [c for c, k in enumerate(counts) for _ in range(k)]  # stored order
     # two ranks: disjoint halves of the epoch, together all of it
     imgs = [torch.cat([x for x, _ in _epoch(_src("torchvision", jpeg_data, drop_last=False,
                                                  seed=7, rank=r, world_size=2), 2)])
