@@ -29,7 +29,7 @@ cache. Output in ``--out`` (default ``<checkpoint dir>/probe``, ``probe-random-i
 baseline): results.json, tsne.png, confusion.png (+ transfer_*.png). Accuracies in results.json
 are fractions in [0, 1]; the printed summary shows percent. results.json also holds every test
 picture's linear and kNN prediction with its identity (class, position within the class), so
-``benchmarks/compare_probes.py`` can compare two probes paired on the same pictures, also across
+``tools/compare_probes.py`` can compare two probes paired on the same pictures, also across
 two copies of one dataset (``--test-like`` restricts the test split to the other copy's pictures).
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ A step is ``VARIANT[_eE]_sSEED`` (``_sA-B`` expands to seeds A..B):
               (--patch-chunk n/2, n/4: what nn.DataParallel on two / four GPUs computes)
     fp32      lossless with --run.amp fp32 (is bf16 autocast costing accuracy?)
     n200      lossless with n = 200 patches per image
-    q50, q30  the lossless data re-encoded at JPEG quality 50 / 30 (benchmarks/reencode_jpeg.py)
+    q50, q30  the lossless data re-encoded at JPEG quality 50 / 30 (tools/reencode_jpeg.py)
     tiny      Tiny ImageNet (--tiny), configs/tinyimagenet.yaml: 32 -> 64 px patches, ImageNet
               stem; the gpu scale's run is the paper's 1-epoch row (a 1-epoch cosine trained in
               full: the authors' main.py anneals over 50,000 // batch steps per epoch, which is
@@ -94,7 +94,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare_probes  # noqa: E402
+from tools import compare_probes  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import load_manifest, write_json_atomic  # noqa: E402
@@ -133,24 +133,24 @@ SCALES = {
                  jpeg_probe_all=True,
                  about="n=20, first epoch of a 2-epoch cosine; probe 128 patches, 100 epochs"),
     "large": Scale("large", "configs/demo.yaml", ("--data.max_images", "30000"), 1.0, 1.0,
-                   ("--test-patches", "16", "--epochs", "30", "--max-train-images", "10000"),
+                   ("--num-patches", "16", "--probe-epochs", "30", "--max-train-images", "10000"),
                    max_images=30000, num_patches=8,
                    about="width 16, n=8, 300 steps (30,000 images); probe 16 patches, 30 epochs, "
                          "10,000 train images"),
     "demo": Scale("demo", "configs/demo.yaml", (), 1.0, 1.0,
-                  ("--test-patches", "8", "--epochs", "30", "--max-train-images", "4000"),
+                  ("--num-patches", "8", "--probe-epochs", "30", "--max-train-images", "4000"),
                   max_images=5000, num_patches=8,
                   about="make demo: width 16, n=8, 50 steps; probe 8 patches, 30 epochs, 4,000 "
                         "train images"),
     "smoke": Scale("smoke", "configs/demo.yaml",
                    ("--num-patches", "4", "--data.max_images", "200", "--model.projector", "64,16"),
-                   1.0, 1.0, ("--test-patches", "2", "--epochs", "3", "--max-train-images", "200"),
+                   1.0, 1.0, ("--num-patches", "2", "--probe-epochs", "3", "--max-train-images", "200"),
                    max_images=200, num_patches=4, about="CI: 2 steps of 100 images, n=4"),
 }
 # Per dataset variant and scale: the preset, its overrides and the probe. gpu = the paper's recipe.
 _SMOKE_TRAIN = ("--num-patches", "4", "--data.max_images", "200", "--model.width", "8",
                 "--model.projector", "64,16")
-_SMOKE_PROBE = ("--test-patches", "2", "--epochs", "3", "--max-train-images", "200",
+_SMOKE_PROBE = ("--num-patches", "2", "--probe-epochs", "3", "--max-train-images", "200",
                 "--max-test-images", "200")
 DATASET_SCALES = {
     "tiny": {
@@ -159,7 +159,7 @@ DATASET_SCALES = {
         "demo": Scale("demo", "configs/tinyimagenet.yaml",
                       ("--num-patches", "8", "--data.max_images", "10000", "--model.width", "16",
                        "--model.projector", "1024,256"), 1.0, 1.0,
-                      ("--test-patches", "8", "--epochs", "30", "--max-train-images", "10000"),
+                      ("--num-patches", "8", "--probe-epochs", "30", "--max-train-images", "10000"),
                       max_images=10000, num_patches=8, random_init=True,
                       about="Tiny ImageNet: width 16, n=8, 100 steps (10,000 images); probe 8 "
                             "patches, 30 epochs, 10,000 train images, all 10,000 val"),
@@ -172,7 +172,7 @@ DATASET_SCALES = {
         "demo": Scale("demo", "configs/imagenet100.yaml",
                       ("--num-patches", "4", "--data.max_images", "3000", "--model.width", "16",
                        "--model.projector", "1024,256"), 1.0, 1.0,
-                      ("--test-patches", "4", "--epochs", "30", "--max-train-images", "3000"),
+                      ("--num-patches", "4", "--probe-epochs", "30", "--max-train-images", "3000"),
                       max_images=3000, num_patches=4, random_init=True,
                       about="224 px: width 16, n=4, 30 steps (3,000 images); probe 4 patches, "
                             "30 epochs, 3,000 train images, the whole val split"),
@@ -326,7 +326,7 @@ class Driver:
         dest = Path(self.a.data_dir) / f"{self.data.lossless.name}_q{quality}"
         with self.lock:
             if not (dest / "manifest.json").is_file():
-                _run([sys.executable, "benchmarks/reencode_jpeg.py", str(self.data.lossless),
+                _run([sys.executable, "tools/reencode_jpeg.py", str(self.data.lossless),
                       str(self.runs / f"q{quality}.tar"), "--quality", str(quality), "--overwrite",
                       "--stats", str(self.out / f"reencode_q{quality}.json"), "--convert-to", str(dest)],
                      self.runs / f"reencode_q{quality}.log")
@@ -414,7 +414,7 @@ class Driver:
         elif name == "throughput":
             self.log("training throughput")
             _run([py, "benchmarks/train_throughput.py", "--data", str(self.data.lossless), "--options",
-                  "eager,compiled,graphs,compiled_graphs", "--n", "200,20", "--json", str(self.out / "train_throughput.json")],
+                  "eager,compiled,graphs,compiled_graphs", "--num-patches", "200,20", "--json", str(self.out / "train_throughput.json")],
                  self.runs / "throughput.log", self.env)
 
     # -- comparisons

@@ -17,7 +17,6 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from importlib import metadata
@@ -31,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from emp_ssl.runtime import git_commit  # noqa: E402
 from pipeline.formats import default_workers, write_json_atomic  # noqa: E402
 
 DISTRIBUTIONS = ("torch", "torchvision", "numpy", "pillow", "nvidia-dali-cuda130", "ffcv", "numba")
@@ -72,19 +72,6 @@ def hardware() -> dict:
         hw["gpu_count"] = torch.cuda.device_count()
         hw["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return hw
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def environment() -> dict:
@@ -145,3 +132,13 @@ def endless(source):
         source.set_epoch(epoch)
         yield from source
         epoch += 1
+
+
+def renamed(argv, mapping: dict[str, str], prog: str) -> list[str]:
+    """argv (default sys.argv[1:]) with deprecated flag spellings mapped to the shared
+    vocabulary (emp_ssl/cli.py), one note per old flag."""
+    import sys
+
+    from emp_ssl.cli import rename_flags
+
+    return rename_flags(sys.argv[1:] if argv is None else list(argv), mapping, prog)

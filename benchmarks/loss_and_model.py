@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import environment, median_time, results_path, write_json  # noqa: E402
+from benchmarks.common import environment, renamed, median_time, results_path, write_json  # noqa: E402
 from model import LARS, EncoderConfig, build_encoder, emp_ssl_loss, lars_param_groups  # noqa: E402
 from model.loss import invariance, logdet_spd  # noqa: E402
 from model.step import EmpStep, configure_cuda  # noqa: E402
@@ -196,11 +196,11 @@ def main(argv: list[str]) -> None:
                     help="training-step modes to run: eager, compiled or both (comma list)")
     ap.add_argument("--skip-loss", action="store_true")
     ap.add_argument("--skip-step", action="store_true")
-    ap.add_argument("--ns", default="20,200", help="patch counts n for the loss part")
+    ap.add_argument("--num-patches", dest="ns", default="20,200", help="patch counts n for the loss part")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: torch's default); on a shared CPU, 1 avoids "
                          "OpenMP threads spinning against other jobs")
-    args = ap.parse_args(argv[1:])
+    args = ap.parse_args(renamed(argv[1:], {"--ns": "--num-patches"}, "loss_and_model"))
     if args.threads:
         torch.set_num_threads(args.threads)
 

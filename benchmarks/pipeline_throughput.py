@@ -28,7 +28,7 @@ to every source row ``share_of_step`` = t_pipeline / (t_pipeline + t_model) per 
 fraction of a serial step (data, then model) the pipeline takes. At 224 px on a CPU use a small
 batch (the model does ~15 patches/s on 2 cores at width 64):
 
-    python benchmarks/pipeline_throughput.py --data data/imagewoof --n 20 --patch-size 112 \
+    python benchmarks/pipeline_throughput.py --data data/imagewoof --num-patches 20 --patch-size 112 \
         --out-size 224 --batch-size 8 --model-step --model-width 64 --model-steps 1
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import endless, environment, results_path, sync, write_json  # noqa: E402
+from benchmarks.common import endless, environment, renamed, results_path, sync, write_json  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import default_workers, load_manifest, require_split  # noqa: E402
 from pipeline.patches import AugmentParams, make_patches  # noqa: E402
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/cifar10", help="a converted dataset directory")
     p.add_argument("--split", default="train")
     p.add_argument("--sources", default=",".join(SOURCES), help="comma-separated")
-    p.add_argument("--n", default="20,200", help="patches per image, comma-separated")
+    p.add_argument("--num-patches", dest="n", default="20,200", help="patches per image, comma-separated")
     p.add_argument("--batch-size", type=int, default=100, help="images per step")
     p.add_argument("--patch-size", type=int, default=0, help="P; 0 = half the image side")
     p.add_argument("--out-size", type=int, default=0, help="S; 0 = the image side")
@@ -75,7 +75,7 @@ def parse_args(argv=None):
                    "worker count)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads and source workers for every source; 0 = usable cores")
-    p.add_argument("--devices", default="", help="comma-separated; default cpu, plus cuda if present")
+    p.add_argument("--device", dest="devices", default="", help="comma-separated; default cpu, plus cuda if present")
     p.add_argument("--image-size", type=int, default=0,
                    help="dali/torchvision/ffcv: center-crop size for variable-size datasets")
     p.add_argument("--json", default="", help="output path (default benchmarks/results/...)")
@@ -88,7 +88,7 @@ def parse_args(argv=None):
                    help="auto: imagenet when the patch output is >= 64 px (the presets' choice)")
     p.add_argument("--model-steps", type=int, default=3, help="timed model steps per repeat")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # SOURCE,DEVICE,N: one row, as JSON
-    return p.parse_args(argv)
+    return p.parse_args(renamed(argv, {"--n": "--num-patches", "--devices": "--device"}, "pipeline_throughput"))
 
 
 def round_up(x: int, m: int) -> int:

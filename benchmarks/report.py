@@ -136,7 +136,7 @@ def conversion_rows(files) -> list[str]:
 
 
 def reencode_rows(files) -> list[str]:
-    """benchmarks/reencode_jpeg.py statistics: how far each re-encoding moved the pixels."""
+    """tools/reencode_jpeg.py statistics: how far each re-encoding moved the pixels."""
     out = ["| quality | chroma | split | images | mean abs error (/255) | PSNR dB | bytes/image | date | file |",
            "|---:|---|---|---:|---:|---:|---:|---|---|"]
     for path, d in sorted(files, key=lambda f: -f[1].get("quality", 0)):
@@ -177,7 +177,7 @@ def _ci(ci) -> str:
 
 
 def compare_rows(files) -> list[str]:
-    """benchmarks/compare_probes.py (and accuracy_runs.py's compare_*.json): one row per pair
+    """tools/compare_probes.py (and accuracy_runs.py's compare_*.json): one row per pair
     of probes and metric; accuracies on the paired pictures only."""
     out = ["| A | B | metric | pairs | A top-1 | B top-1 | A - B (points) | 95% CI (paired bootstrap) | "
            "McNemar p | file |", "|---|---|---|---:|---:|---:|---:|---|---:|---|"]
@@ -420,10 +420,10 @@ def main(argv=None) -> int:
     section("Training step, model only (benchmarks/loss_and_model.py)", step_rows(groups["loss"]))
     section("Paired accuracy differences over seeds (benchmarks/accuracy_runs.py)",
             seed_summary_rows(groups["summary"]))
-    section("Paired comparisons (benchmarks/compare_probes.py)", compare_rows(groups["compare"]))
+    section("Paired comparisons (tools/compare_probes.py)", compare_rows(groups["compare"]))
     section("Probes", probe_rows(groups["probe"]))
     section("Time to accuracy (linear probe after E epochs of one run)", tta_rows(groups["tta"]))
-    section("JPEG re-encodings of the data (benchmarks/reencode_jpeg.py)", reencode_rows(groups["reencode"]))
+    section("JPEG re-encodings of the data (tools/reencode_jpeg.py)", reencode_rows(groups["reencode"]))
     if groups["other"]:
         lines += ["Unrecognised result files: " + ", ".join(p.name for p, _ in groups["other"]), ""]
     write_bytes_atomic(out, "\n".join(lines).encode())

@@ -34,7 +34,7 @@ from benchmarks.common import environment, results_path, write_json  # noqa: E40
 
 CPU_TRAIN = ("--num-patches 4 --data.batch_size 20 --run.max_steps 3 --model.projector 512,128 "
              "--run.tensorboard false --device cpu")
-CPU_PROBE = "--max-images 200 --test-patches 2 --epochs 5 --no-plots --quiet --device cpu"
+CPU_PROBE = "--max-images 200 --num-patches 2 --probe-epochs 5 --no-plots --quiet --device cpu"
 
 
 def export_tree(commit: str, into: Path) -> Path:

@@ -1,7 +1,7 @@
 """Accuracy vs epochs and vs wall-clock minutes for one training run (the paper's Figs. 3/4).
 
     python benchmarks/time_to_accuracy.py --config configs/cifar10_n20_e10.yaml --data data/cifar10 \
-        --points 0.25,0.5,1,2,5,10 [--out runs/tta] [--probe-args "--test-patches 128"]
+        --points 0.25,0.5,1,2,5,10 [--out runs/tta] [--probe-args "--num-patches 128"]
     python benchmarks/time_to_accuracy.py --config configs/cifar10_n20_e30.yaml --data data/cifar10 \
         --stop-at 0.90 --points ""            # time to 90%: the monitor curve only, one run
     python benchmarks/time_to_accuracy.py --smoke          # demo scale on a CPU, a few minutes
@@ -42,7 +42,7 @@ PAPER_CIFAR10 = {1: 0.851, 10: 0.915, 30: 0.934}
 SMOKE = dict(config="configs/demo.yaml", points="0.25,0.5,1", epochs=1.0,
              train_args="--num-patches 4 --data.max_images 1000 --model.projector 128,32 "
                         "--monitor.images 200 --monitor.patches 4 --monitor.epochs 10",
-             probe_args="--test-patches 4 --epochs 5 --max-images 500 --no-plots")
+             probe_args="--num-patches 4 --probe-epochs 5 --max-images 500 --no-plots")
 
 
 def run(cmd: list[str]) -> float:

@@ -1,7 +1,7 @@
 """Training patches/s and model-FLOPs utilisation per step option, model-only and fed by a source.
 
     python benchmarks/train_throughput.py --data data/cifar10                 # defaults per device
-    python benchmarks/train_throughput.py --data data/cifar10 --n 200,20 \
+    python benchmarks/train_throughput.py --data data/cifar10 --num-patches 200,20 \
         --options eager,compiled,graphs,compiled_graphs                      # GPU_QUEUE item 5
 
 Each row times full EMP-SSL steps (model.step.EmpStep: encode, fused loss, backward, LARS) fed
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import endless, environment, median_time, results_path, sync, write_json  # noqa: E402
+from benchmarks.common import endless, environment, renamed, median_time, results_path, sync, write_json  # noqa: E402
 from model.encoder import EncoderConfig, build_encoder  # noqa: E402
 from model.flops import achieved_tflops, peak_tflops, step_flops_per_patch  # noqa: E402
 from model.lars import LARS, lars_param_groups  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                    "(synthetic is always measured); 'none' for the model-only rows")
     p.add_argument("--options", default="eager,compiled,graphs,compiled_graphs" if cuda else "eager,chunked",
                    help=f"comma list of {', '.join(OPTIONS)}")
-    p.add_argument("--n", default="200,20" if cuda else "8")
+    p.add_argument("--num-patches", dest="n", default="200,20" if cuda else "8")
     p.add_argument("--batch-size", type=int, default=100 if cuda else 20)
     p.add_argument("--width", type=int, default=64 if cuda else 16)
     p.add_argument("--stem", default="cifar")
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                    help="peak TFLOP/s of one device for the MFU (0: from the GPU's name)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--json", help="output (default benchmarks/results/train_throughput_<host>_<date>.json)")
-    args = p.parse_args(argv)
+    args = p.parse_args(renamed(argv, {"--n": "--num-patches"}, "train_throughput"))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -4,7 +4,7 @@
     python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10                # GPU: their README's "1 epoch"
     python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10 --smoke        # CPU, minutes
     python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10 --bs 4 --steps 300 \\
-        --repeats 3 --device cpu --probe-args "--test-patches 4 --epochs 10 --max-images 1000"
+        --repeats 3 --device cpu --probe-args "--num-patches 4 --probe-epochs 10 --max-images 1000"
                                                 # the committed CPU measurement: ~1 h on 2 cores
 
 Per repeat r (seed = --seed + r on both sides; the side that goes first alternates):
@@ -19,7 +19,7 @@ Per repeat r (seed = --seed + r on both sides; the side that goes first alternat
     ours    train.py --config configs/cifar10_n20_e1.yaml with the same n, batch, lr, data,
             seed and schedule, stopped after the same number of steps (--run.max_steps).
     both    probed by probe.py with the same --probe-args and probe seed (so the same patches),
-            then compared paired on the same test pictures (benchmarks/compare_probes.py:
+            then compared paired on the same test pictures (tools/compare_probes.py:
             A = ours, B = theirs; the difference is ours - theirs).
 
 Schedule: their cosine spans T = (50000 // B) * E steps (main.py's formula, whatever the data
@@ -59,8 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare_probes  # noqa: E402
-from benchmarks.common import RESULTS_DIR, environment, host_kind  # noqa: E402
+from tools import compare_probes  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, host_kind, renamed  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
 from emp_ssl.checkpoints import convert_reference_checkpoint  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
@@ -473,7 +473,7 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="result file (default <out>/vs_reference.json)")
     p.add_argument("--runs", type=Path, default=Path("runs/vs_reference"), help="run dirs and logs")
     p.add_argument("--num-patches", type=int, default=20, help="n patches per image (their --num_patches)")
-    p.add_argument("--bs", type=int, default=100, help="images per step (their --bs)")
+    p.add_argument("--batch-size", dest="bs", type=int, default=100, help="images per step (their --bs)")
     p.add_argument("--lr", type=float, default=0.3, help="peak lr (their --lr)")
     p.add_argument("--epochs", type=int, default=2,
                    help="their --epoch: the cosine spans (50000 // bs) * epochs steps (default 2: "
@@ -495,10 +495,10 @@ def parse_args(argv=None):
     p.add_argument("--no-probe", dest="probe", action="store_false", help="time the training only")
     p.add_argument("--smoke", action="store_true",
                    help="minutes on a CPU: --bs 10 --num-patches 4 --steps 3 --warmup-steps 1, a tiny probe")
-    a = p.parse_args(argv)
+    a = p.parse_args(renamed(argv, {"--bs": "--batch-size"}, "vs_reference"))
     if a.smoke:
         a.bs, a.num_patches, a.steps, a.warmup_steps = 10, 4, 3, 1
-        a.probe_args = a.probe_args or "--test-patches 2 --epochs 3 --max-train-images 200 --max-test-images 100"
+        a.probe_args = a.probe_args or "--num-patches 2 --probe-epochs 3 --max-train-images 200 --max-test-images 100"
     return a
 
 

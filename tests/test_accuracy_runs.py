@@ -28,7 +28,7 @@ def test_parse_steps():
 def jpeg_twin(cifar_subset_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("twin")
     twin = out / f"{cifar_subset_data.name}_jpeg"  # cifar10-subset_jpeg or sample-images_jpeg
-    run_tool("benchmarks/reencode_jpeg.py", str(cifar_subset_data), str(out / "q75.tar"), "--quality", "75",
+    run_tool("tools/reencode_jpeg.py", str(cifar_subset_data), str(out / "q75.tar"), "--quality", "75",
              "--convert-to", str(twin))
     return twin
 

@@ -9,10 +9,10 @@ from conftest import ROOT, run_tool
 def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
     res = tmp_path / "results"
     d = str(cifar_subset_data)
-    run_tool("benchmarks/pipeline_throughput.py", "--data", d, "--n", "20", "--sources", "memory,reference",
+    run_tool("benchmarks/pipeline_throughput.py", "--data", d, "--num-patches", "20", "--sources", "memory,reference",
              "--devices", "cpu", "--steps", "2", "--repeats", "1", "--warmup", "2",
              "--json", str(res / "pipeline_smoke.json"))
-    run_tool("benchmarks/train_throughput.py", "--data", d, "--n", "4", "--batch-size", "10", "--steps", "1",
+    run_tool("benchmarks/train_throughput.py", "--data", d, "--num-patches", "4", "--batch-size", "10", "--steps", "1",
              "--warmup", "1", "--repeats", "1", "--options", "eager", "--sources", "memory",
              "--json", str(res / "train_throughput_smoke.json"))
     run_tool("benchmarks/time_to_accuracy.py", "--smoke", "--data", d, "--points", "0.5,1",
@@ -87,7 +87,7 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
     errors = {}
     for q, sub in ((100, "444"), (50, "420"), (20, "420")):
         tar = tmp_path / f"q{q}.tar"
-        args = ("benchmarks/reencode_jpeg.py", str(src), str(tar), "--quality", str(q), "--subsampling",
+        args = ("tools/reencode_jpeg.py", str(src), str(tar), "--quality", str(q), "--subsampling",
                 sub, "--max-per-class", "5", "--stats", str(res / f"reencode_q{q}.json"))
         if q == 100:
             run_tool(*args)
@@ -115,31 +115,31 @@ def test_reencode_jpeg_roundtrips_through_the_converter(cifar_subset_data, tmp_p
     rows = [r for r in report.splitlines() if r.endswith(".json |") and "reencode_q" in r]
     assert "## JPEG re-encodings" in report and len(rows) == 6 and rows[0].startswith("| 100 | 444 | ")
 
-    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "q100.tar"), "--quality", "50",
+    bad = run_tool("tools/reencode_jpeg.py", str(src), str(tmp_path / "q100.tar"), "--quality", "50",
                    check=False)
     assert bad.returncode == 2 and "exists; pass --overwrite" in bad.stderr
-    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
+    bad = run_tool("tools/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
                    "--convert-to", str(tmp_path / "q50"), check=False)
     assert bad.returncode == 2 and f"--convert-to {tmp_path / 'q50'}: exists" in bad.stderr
     assert not (tmp_path / "y.tar").exists()
     for dest, says in ((tmp_path / ".hidden", "plain directory name"), (tmp_path / "y.tar", "OUT"),
                        (tmp_path, "OUT"), (src, "SRC")):
-        bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
+        bad = run_tool("tools/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
                        "--convert-to", str(dest), "--overwrite", check=False)
         assert bad.returncode == 2 and f"--convert-to {dest}: " in bad.stderr and says in bad.stderr
         assert "Traceback" not in bad.stderr and not (tmp_path / "y.tar").exists()
     # a conversion that fails after the re-encode (DIR's parent is a file) keeps the tar, one line
     (tmp_path / "afile").write_text("x")
-    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
+    bad = run_tool("tools/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "50",
                    "--max-per-class", "1", "--convert-to", str(tmp_path / "afile" / "q"), check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert f"tar is kept at {tmp_path / 'y.tar'}" in bad.stderr and (tmp_path / "y.tar").is_file()
     # --overwrite replaces an existing DIR; the manifest says where the data came from
-    run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "20",
+    run_tool("tools/reencode_jpeg.py", str(src), str(tmp_path / "y.tar"), "--quality", "20",
              "--max-per-class", "2", "--convert-to", str(tmp_path / "q50"), "--overwrite")
     m = load_manifest(tmp_path / "q50")
     assert m.splits["train"].count == 2 * n_classes and "re-encoded at JPEG quality 20 420" in m.source
-    bad = run_tool("benchmarks/reencode_jpeg.py", str(src), str(tmp_path / "x.tar"), "--quality", "0",
+    bad = run_tool("tools/reencode_jpeg.py", str(src), str(tmp_path / "x.tar"), "--quality", "0",
                    check=False)
     assert bad.returncode == 2 and "--quality 0" in bad.stderr and not (tmp_path / "x.tar").exists()
 
@@ -192,7 +192,7 @@ def test_startup_benchmark_reports_the_breakdown(cifar_subset_data, tmp_path):
     run_tool("benchmarks/startup.py", "--data", str(cifar_subset_data), "--baseline", "none",
              "--repeats", "1", "--train-args", "--num-patches 2 --data.batch_size 10 --run.max_steps 1 "
              "--model.projector 32,16 --run.tensorboard false --device cpu", "--probe-args",
-             "--max-images 20 --test-patches 2 --epochs 2 --no-plots --quiet --device cpu",
+             "--max-images 20 --num-patches 2 --probe-epochs 2 --no-plots --quiet --device cpu",
              "--json", str(out))
     med = json.loads(out.read_text())["median"]["current"]
     assert med["train_process_s"] > med["train_loop_s"] > 0

@@ -1,4 +1,4 @@
-"""Paired comparison of probes (benchmarks/compare_probes.py) and the per-picture predictions
+"""Paired comparison of probes (tools/compare_probes.py) and the per-picture predictions
 probe.py saves for it: the statistics against hand computations, then two tiny converted
 datasets with a known pairing (the second a perturbed, longer copy of the first, as the JPEG
 CIFAR-10 is of the lossless one) probed end to end and paired picture by picture."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import compare_probes as cp
+from tools import compare_probes as cp
 from conftest import run_tool
 from emp_ssl.embedding import class_positions, split_rows
 from test_probe import make_checkpoint

@@ -127,7 +127,7 @@ def test_vs_reference_end_to_end_on_a_stand_in_checkout(tmp_path):
     argv = ["benchmarks/vs_reference.py", "--ref-dir", str(ref), "--data", str(data), "--out", str(out),
             "--runs", str(runs), "--bs", "4", "--num-patches", "2", "--steps", "2", "--warmup-steps", "1",
             "--device", "cpu", "--ours-args", "--model.width 16 --model.projector 64,16",
-            "--probe-args", "--test-patches 2 --epochs 2"]
+            "--probe-args", "--num-patches 2 --probe-epochs 2"]
     if not git:
         argv += ["--ref-commit", "abc123"]
     proc = run_tool(*argv)

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     t2 = time.perf_counter()
     patches, epochs, cap = GPU_PROBE if gpu else CPU_PROBE
     probe = [py, "probe.py", "--checkpoint", str(out / "ckpt.pt"), "--data", str(data),
-             "--test-patches", patches, "--epochs", epochs, "--device", args.device]
+             "--num-patches", patches, "--probe-epochs", epochs, "--device", args.device]
     if cap != "0":
         probe += ["--max-train-images", cap]
     run(probe + ["--out", str(out / "probe")])

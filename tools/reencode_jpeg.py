@@ -1,6 +1,6 @@
 """A converted dataset re-encoded through JPEG at a chosen quality, as an ImageFolder .tar.
 
-    python benchmarks/reencode_jpeg.py data/cifar10 runs/cifar10_q50.tar --quality 50 \
+    python tools/reencode_jpeg.py data/cifar10 runs/cifar10_q50.tar --quality 50 \
         --convert-to data/cifar10_q50
 
 (without --convert-to it stops at the .tar, which tools/convert_datasets.py converts).
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
         if args.convert_to is not None:
             dest = args.convert_to
             label = (f"{args.src} re-encoded at JPEG quality {args.quality} {args.subsampling} "
-                     "(benchmarks/reencode_jpeg.py)")
+                     "(tools/reencode_jpeg.py)")
             try:
                 convert(args.out, ConvertOptions(name=dest.name, out=dest.parent, formats=("memory",),
                                                  overwrite=args.overwrite, progress=False,

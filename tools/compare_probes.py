@@ -1,7 +1,7 @@
 """Compare two probe results paired on the same test pictures: accuracies, difference, 95% interval.
 
-    python benchmarks/compare_probes.py A B [--json OUT]
-    python benchmarks/compare_probes.py 'runs/lossless_s*/probe' 'runs/jpeg_s*/probe'   # several seeds
+    python tools/compare_probes.py A B [--json OUT]
+    python tools/compare_probes.py 'runs/lossless_s*/probe' 'runs/jpeg_s*/probe'   # several seeds
 
 A and B are probe.py outputs (a results.json or the directory holding it). Each holds the linear
 and kNN prediction of every test picture with the picture's identity (class, position within the

@@ -1,0 +1,123 @@
+"""The README's status table, generated from committed result files (never typed by hand).
+
+    python benchmarks/status.py            # print the table
+    python benchmarks/status.py --write    # rewrite the block between the status markers in README.md
+
+Each row: what the paper (or the reference README) reports, and ours, read from the named file
+under benchmarks/results/ ("waiting for a GPU run" where none exists yet). tests/test_docs.py
+fails when README.md's block differs from what this prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- status:begin (benchmarks/status.py --write) -->", "<!-- status:end -->"
+
+
+def _load(rel: str) -> dict | None:
+    path = RESULTS / rel
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _probe_pair(trained: str, random: str) -> str:
+    a, b = _load(trained), _load(random)
+    if a is None or b is None:
+        return "missing result file"
+    return (f"{_pct(a['linear_top1'])} vs {_pct(b['linear_top1'])} random init "
+            f"({a['num_test']:,} test images)")
+
+
+def _tta(rel: str, epoch: float) -> str:
+    d = _load(rel)
+    if d is None:
+        return "missing result file"
+    p = next(p for p in d["points"] if abs(p["epoch"] - epoch) < 1e-9)
+    return f"{_pct(p['linear_top1'])} ({60 * p['train_minutes']:.0f} s of training)"
+
+
+def _tests(rel: str, mode: str) -> str:
+    d = _load(rel)
+    if d is None or mode not in d:
+        return "not recorded"
+    r = d[mode]
+    return f"{r['passed']} passed, {r['skipped']} skipped, {r['wall_min']:.0f} min"
+
+
+# (what, paper / reference, ours, data and where, result file)
+ROWS = [
+    ("CIFAR-10, 1 epoch, n=20", "84.2% (reference README)",
+     lambda: _tta("gpu_acc_20261122/time_to_accuracy_c10_n20_e1_sched2.json", 1.0),
+     "H100, JPEG copy, 128-patch probe", "gpu_acc_20261122/time_to_accuracy_c10_n20_e1_sched2.json"),
+    ("CIFAR-10, 10 epochs, n=20", "90.7% (reference README)",
+     lambda: _tta("gpu_acc_20261122/time_to_accuracy_c10_n20_e10.json", 10.0),
+     "H100, JPEG copy", "gpu_acc_20261122/time_to_accuracy_c10_n20_e10.json"),
+    ("CIFAR-10, 1 epoch, lossless pixels, beside the authors' code", "84.2% (reference README)",
+     lambda: "waiting for a GPU run", "H100 queue item 1", "-"),
+    ("CIFAR-10 demo (`make demo`)", "-",
+     lambda: _probe_pair("demo_cpu_20261201/probe.json", "demo_cpu_20261201/probe_random_init.json"),
+     "2-core CPU, width 32, n=8", "demo_cpu_20261201/"),
+    ("Tiny ImageNet, 1 epoch / 10 epochs, n=20", "38.1% / 51.5% (paper)",
+     lambda: "waiting for a GPU run (recipe smoke-tested)", "GPU queue item 4",
+     "tinyimagenet_recipe_smoke_cpu_2026-12-06/"),
+    ("Tiny ImageNet, CPU demo scale", "-",
+     lambda: _probe_pair("tinyimagenet_demo_cpu_2026-12-06/probe_tiny_s0.json",
+                         "tinyimagenet_demo_cpu_2026-12-06/probe_tiny_s0.random_init.json"),
+     "200 classes, 100 steps, width 16", "tinyimagenet_demo_cpu_2026-12-06/"),
+    ("Imagewoof at 224 px (`imagenet100` preset), CPU scale", "-",
+     lambda: _probe_pair("imagewoof224_demo_cpu_2026-12-06/probe_in100_s0.json",
+                         "imagewoof224_demo_cpu_2026-12-06/probe_in100_s0.random_init.json")
+     + "; not significant", "30 steps, width 16", "imagewoof224_demo_cpu_2026-12-06/"),
+    ("Test suite, with `../shared` (CIFAR-10)", "-",
+     lambda: _tests("test_suite_cpu2_2026-12-06.json", "with_shared"), "2-core CPU, fresh clone",
+     "test_suite_cpu2_2026-12-06.json"),
+    ("Test suite, without `../shared`", "-",
+     lambda: _tests("test_suite_cpu2_2026-12-06.json", "without_shared"), "2-core CPU, fresh clone",
+     "test_suite_cpu2_2026-12-06.json"),
+]
+
+
+def table() -> str:
+    lines = ["| What | Paper / reference | Ours | Setting | Result file |", "|---|---|---|---|---|"]
+    for what, paper, ours, setting, rel in ROWS:
+        link = f"[{rel}](benchmarks/results/{rel})" if rel != "-" else "-"
+        lines.append(f"| {what} | {paper} | {ours()} | {setting} | {link} |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_block(text: str) -> str:
+    a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[a:b].strip("\n") + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", action="store_true", help="rewrite README.md's status block")
+    a = p.parse_args(argv)
+    t = table()
+    if not a.write:
+        print(t, end="")
+        return 0
+    sys.path.insert(0, str(ROOT))
+    from pipeline.formats import write_bytes_atomic
+
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"status: error: {README} has no status markers ({BEGIN} ... {END})", file=sys.stderr)
+        return 2
+    i, j = text.index(BEGIN) + len(BEGIN), text.index(END)
+    write_bytes_atomic(README, (text[:i] + "\n" + t + text[j:]).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
