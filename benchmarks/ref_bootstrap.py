@@ -33,7 +33,7 @@ is from its batch request to the next request (the last one of an epoch raises S
 their LARS wrapper reads every parameter's norms on the host each step, so host time follows the
 device. Side "ours" calls train.main(argv). Both record the CPU seconds (user + system) of the
 training loop: theirs from the first epoch's start to the kept checkpoint, main process and
-DataLoader workers (reaped at each epoch's end); ours around Trainer._loop. Both write peak memory: this process's max RSS, the
+DataLoader workers (reaped at each epoch's end); ours around Trainer.loop. Both write peak memory: this process's max RSS, the
 largest reaped child's (their DataLoader workers; forked, so pages shared with the main process
 count in it too) and on CUDA torch's peak allocated/reserved bytes.
 """
@@ -269,16 +269,16 @@ def run_reference(spec: dict, stats: Stats) -> int:
 def run_ours(spec: dict, stats: Stats) -> int:
     import train
 
-    loop = train.Trainer._loop
+    loop = train.Trainer.loop
 
-    def timed_loop(self, writer):  # CPU time of the training loop alone, as for theirs
+    def timed_loop(self, log):  # CPU time of the training loop alone, as for theirs
         stats.d["cpu_at_start"] = cpu_times()
         try:
-            return loop(self, writer)
+            return loop(self, log)
         finally:
             stats.d["cpu_at_end"] = cpu_times()
 
-    train.Trainer._loop = timed_loop
+    train.Trainer.loop = timed_loop
     os.chdir(ROOT)
     stats.d.update(argv=["train.py", *spec["argv"]], t_start=time.perf_counter())
     code = train.main(list(spec["argv"]))

@@ -112,7 +112,7 @@ def test_patch_chunk_gradient_matches_unchunked(cifar_subset_data, tmp_path):
     tr = train.Trainer(cfg, resume=False)
     tr.source.set_epoch(0)
     batch = next(iter(tr.source))
-    patches = tr._patches(batch, 0)  # (6, 50, 3, 32, 32)
+    patches = tr.make_patches(batch[0], 0)  # (6, 50, 3, 32, 32)
     tr.model.eval()  # BatchNorm on running statistics: the chunked gradient must match exactly
     loss, _, _ = tr.step_fn.loss(tr.step_fn.encode(patches))
     loss.backward()
