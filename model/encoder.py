@@ -121,9 +121,11 @@ class ShortcutConv2d(nn.Conv2d):
         x = torch.randn(24, 4, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
         conv(x).sum().backward()   # wrong conv.weight.grad, or never returns, or crashes
 
-    Measured under the AVX2 cap: 1 input channel, 8 or more, batch 1, stride 1, NCHW, a 3x3
-    stride-2 conv, and the native AVX-512 kernels are all fine (docs/troubleshooting.md has the
-    table; tests/test_onednn_hazard.py runs the reproduction in a subprocess). In this ResNet
+    Measured under the AVX2 cap (tools/onednn_sweep.py -> docs/results/onednn_avx2_sweep.md,
+    3 trials of 5 passes per case): 2..7 input channels hang or give wrong gradients at every
+    batch from 2 and output widths 4..64; 1 input channel, 8 or more, batch 1, stride 1 or 3,
+    NCHW, a 3x3 stride-2 conv, and the native AVX-512 kernels are fine (docs/troubleshooting.md;
+    tests/test_onednn_hazard.py runs the reproduction in a subprocess). In this ResNet
     the affected shortcut occurs only for widths below 8 (stage 2's input has ``width``
     channels), e.g. the tests' width-4 nets; real widths (16 and up) never take this path.
     The stride-1 1x1 conv it runs instead is not affected. The check is on static properties

@@ -33,6 +33,8 @@ def jpeg_twin(cifar_subset_data, tmp_path_factory):
     return twin
 
 
+# time limit: 145 s + 48 s of fixtures measured on a busy 2-core CPU
+@pytest.mark.timeout(600)
 def test_driver_smoke_trains_probes_and_pairs(cifar_subset_data, jpeg_twin, tmp_path):
     out, runs = tmp_path / "results", tmp_path / "runs"
     args = ["benchmarks/accuracy_runs.py", "--smoke", "--lossless", str(cifar_subset_data), "--jpeg",

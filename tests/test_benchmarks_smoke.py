@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import ROOT, run_tool
 
 
+# time limit: 191 s measured on a busy 2-core CPU, plus the shared data's conversion when first
+@pytest.mark.timeout(600)
 def test_benchmarks_smoke_and_report(cifar_subset_data, tmp_path):
     res = tmp_path / "results"
     d = str(cifar_subset_data)

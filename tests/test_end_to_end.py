@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_tool
 
 import train
 
 
+# time limit: 112-210 s measured on busy 2-core CPUs, plus the shared data's conversion when first
+@pytest.mark.timeout(630)
 def test_trained_encoder_beats_random_init(cifar_subset_data, tmp_path):
     run = tmp_path / "run"
     assert train.main(["--config", "configs/demo.yaml", "--data", str(cifar_subset_data), "--out", str(run),
