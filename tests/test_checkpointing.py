@@ -141,10 +141,10 @@ def _logged_since(out: Path, t0: float) -> int:
 
 @pytest.mark.timeout(600)
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(cifar_subset_data, tmp_path):
-    steps, kills = 24, 4  # 500 images / 50 per step = 10 steps an epoch; 2.4 epochs
+    steps, kills = 24, 4  # 500 images / 25 per step = 20 steps an epoch; 1.2 epochs
     full, part, log = tmp_path / "full", tmp_path / "part", tmp_path / "train.log"
     t_test = time.time()
-    extra = ("--epochs", "2.4", "--save-every", "3")
+    extra = ("--epochs", "1.2", "--save-every", "3", "--data.batch_size", "25", "--num-patches", "2")
     ref = _start(small_args(cifar_subset_data, full, *extra), log)
     assert ref.wait(timeout=300) == 0, log.read_text()[-3000:]
 
