@@ -306,6 +306,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if self._resume_from is not None:  # records written after the checkpoint (a kill)
                 truncate_metrics(self.out / "metrics.jsonl", self.step)
+            else:  # a run killed before its first checkpoint left records: this one starts over
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
             resolved = {**as_plain(self.cfg), "git_commit": self.commit,
                         "source_resolved": self.source_name, "device": str(self.device),
                         "world_size": self.world}
