@@ -129,7 +129,7 @@ def test_train_py_checkpoint_through_the_cli(cifar_subset_data, test_images, tmp
     assert torch.equal(embed(test_images, a, num_patches=2), embed(test_images, b, num_patches=2))
 
     # --no-projector: backbone only; embed's default feature follows
-    run_tool("tools/export.py", "--checkpoint", str(run / "ckpt.pt"), "--out", str(out), "--no-projector")
+    export_checkpoint(run / "ckpt.pt", out, projector=False)  # = tools/export.py --no-projector
     assert not (out / PROJECTOR_FILE).exists()
     c = load_backbone(out)
     assert c.emp_ssl_meta["features"] == ["backbone"]
