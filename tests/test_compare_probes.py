@@ -17,7 +17,6 @@ from conftest import run_tool
 from emp_ssl.embedding import class_positions, split_rows
 from test_probe import make_checkpoint
 
-import probe
 
 
 # --------------------------------------------------------------------------- statistics

@@ -2,9 +2,7 @@
 same marked block) runs as written against a tiny checkpoint, so it cannot rot."""
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -15,7 +15,6 @@ the versions (``torch.__config__.show()``'s oneDNN line), the CPU model and its 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
