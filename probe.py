@@ -40,7 +40,7 @@ import io
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ import torch
 from emp_ssl.classifiers import knn_predict, train_linear_probe
 from emp_ssl.cli import print_config, rename_flags
 from emp_ssl.embedding import class_positions, embed, images_per_call, split_rows
-from emp_ssl.protocol import PROBE
+from emp_ssl.protocol import PROBE, training_augment
 from emp_ssl.runtime import AMP_CHOICES, resolve_amp, resolve_device
 from model.checkpoint import CheckpointError, load_checkpoint, load_encoder
 from model.encoder import FEATURE_KINDS, EncoderConfig, build_encoder
@@ -219,22 +219,6 @@ class Loaded:
     data: dict  # the checkpoint's "data" section: name, classes, mean, std, image_shape
     augment: AugmentParams  # the recipe it was trained with (its config), else the paper's
     meta: dict  # for results.json
-
-
-def training_augment(ckpt: dict) -> tuple[AugmentParams, str]:
-    """The augmentation recipe the checkpoint was trained with, from its saved config
-    ("augment" section); the paper's defaults when it has none."""
-    saved = (ckpt.get("config") or {}).get("augment")
-    if isinstance(saved, dict):
-        known = {f.name for f in fields(AugmentParams)}
-        d = {k: v for k, v in saved.items() if k in known}
-        if "blur_sigma" in d:
-            d["blur_sigma"] = tuple(d["blur_sigma"])
-        try:
-            return AugmentParams(**d), "checkpoint config"
-        except (TypeError, ValueError):
-            pass
-    return AugmentParams(), "paper defaults (the checkpoint saves no augment config)"
 
 
 def load_model(path: Path, *, random_init: bool, seed: int, device: torch.device) -> Loaded:

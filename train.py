@@ -253,7 +253,7 @@ class Trainer:
                          f"checkpoint {path}; continue with --resume")
                 return 128 + self._stop_signal
         with self.spans("final_checkpoint"):
-            if self.save() is None and self.is_main:
+            if self.save(final=True) is None and self.is_main:
                 return 1
         if self.is_main and self.step > start:
             self._summary(self.step - start, time.perf_counter() - t_start, stopped)
@@ -304,6 +304,8 @@ class Trainer:
         self.last_good = self.out / "ckpt.pt" if (self.out / "ckpt.pt").exists() else None
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.glob(".ckpt.pt.*.tmp"):  # a write killed half-way (SIGKILL)
+                stale.unlink(missing_ok=True)
             if self._resume_from is not None:  # records written after the checkpoint (a kill)
                 truncate_metrics(self.out / "metrics.jsonl", self.step)
             else:  # a run killed before its first checkpoint left records: this one starts over
@@ -333,7 +335,7 @@ class Trainer:
             "git_commit": self.commit,
         }
 
-    def save(self) -> Path | None:
+    def save(self, final: bool = False) -> Path | None:
         """Write RUN/ckpt.pt (rank 0; atomic). A failed write (a full disk) leaves the previous
         checkpoint as it was, says so in one line and in metrics.jsonl, and returns None."""
         self.saver.saved()
@@ -345,7 +347,9 @@ class Trainer:
         except OSError as e:
             kept = f"{self.last_good} is intact" if self.last_good else "no earlier checkpoint exists"
             msg = (f"train: warning: checkpoint at step {self.step} not written ({e.strerror or e}); "
-                   f"{kept}; free space under {self.out} (training continues)")
+                   f"{kept}; free space under {self.out} "
+                   + ("and run again with --resume to redo the steps after it" if final
+                      else "(training continues)"))
             if self.log is not None:
                 self.log.note(msg)
                 self.log.write({"checkpoint_failed": True, "step": self.step, "error": str(e),

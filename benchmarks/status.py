@@ -29,12 +29,35 @@ def _pct(x) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _probe_pair(trained: str, random: str) -> str:
+def _probe_pair(trained: str, random: str, compare: str | None = None) -> str:
     a, b = _load(trained), _load(random)
     if a is None or b is None:
         return "missing result file"
-    return (f"{_pct(a['linear_top1'])} vs {_pct(b['linear_top1'])} random init "
-            f"({a['num_test']:,} test images)")
+    out = (f"{_pct(a['linear_top1'])} vs {_pct(b['linear_top1'])} random init "
+           f"({a['num_test']:,} test images)")
+    if compare is not None:  # tools/compare_probes.py's paired test on the same pictures
+        c = _load(compare)
+        if c is None:
+            return out + "; missing comparison file"
+        out += _significance(c["pairs"][0]["linear"])
+    return out
+
+
+def _significance(pair: dict) -> str:
+    lo, hi = pair["ci95"]
+    verdict = "significant" if pair["mcnemar_p"] < 0.05 else "not significant"
+    return (f"; {100 * pair['diff']:+.1f} pts, 95% CI {100 * lo:+.1f}..{100 * hi:+.1f}, "
+            f"McNemar p={pair['mcnemar_p']:.2g} ({verdict})")
+
+
+def _downstream(rel: str) -> str:
+    d = _load(rel)
+    if d is None:
+        return "not recorded"
+    sk, eq = d["sklearn_logistic_regression"], d["feature_equality"]
+    diff = max(v["torchvision_vs_probe_cache_max_abs"] for k, v in eq.items() if isinstance(v, dict))
+    return (f"{_pct(sk['trained_top1'])} vs {_pct(sk['random_init_top1'])} random init"
+            f"{_significance(sk['paired'])}; features = probe.py's (max diff {diff:.0e})")
 
 
 def _tta(rel: str, epoch: float) -> str:
@@ -71,18 +94,23 @@ ROWS = [
      "tinyimagenet_recipe_smoke_cpu_2026-12-06/"),
     ("Tiny ImageNet, CPU demo scale", "-",
      lambda: _probe_pair("tinyimagenet_demo_cpu_2026-12-06/probe_tiny_s0.json",
-                         "tinyimagenet_demo_cpu_2026-12-06/probe_tiny_s0.random_init.json"),
+                         "tinyimagenet_demo_cpu_2026-12-06/probe_tiny_s0.random_init.json",
+                         "tinyimagenet_demo_cpu_2026-12-06/compare_tiny_s0_vs_random_init.json"),
      "200 classes, 100 steps, width 16", "tinyimagenet_demo_cpu_2026-12-06/"),
     ("Imagewoof at 224 px (`imagenet100` preset), CPU scale", "-",
      lambda: _probe_pair("imagewoof224_demo_cpu_2026-12-06/probe_in100_s0.json",
-                         "imagewoof224_demo_cpu_2026-12-06/probe_in100_s0.random_init.json")
-     + "; not significant", "30 steps, width 16", "imagewoof224_demo_cpu_2026-12-06/"),
+                         "imagewoof224_demo_cpu_2026-12-06/probe_in100_s0.random_init.json",
+                         "imagewoof224_demo_cpu_2026-12-06/compare_in100_s0_vs_random_init.json"),
+     "30 steps, width 16", "imagewoof224_demo_cpu_2026-12-06/"),
+    ("Exported demo encoder via torchvision + scikit-learn (CIFAR-10)", "-",
+     lambda: _downstream("downstream_check_cpu2_20261206.json"),
+     "logistic regression, n=8", "downstream_check_cpu2_20261206.json"),
     ("Test suite, with `../shared` (CIFAR-10)", "-",
-     lambda: _tests("test_suite_cpu2_2026-12-06.json", "with_shared"), "2-core CPU, fresh clone",
-     "test_suite_cpu2_2026-12-06.json"),
+     lambda: _tests("test_suite_cpu2_20261206.json", "with_shared"), "2-core CPU, fresh clone",
+     "test_suite_cpu2_20261206.json"),
     ("Test suite, without `../shared`", "-",
-     lambda: _tests("test_suite_cpu2_2026-12-06.json", "without_shared"), "2-core CPU, fresh clone",
-     "test_suite_cpu2_2026-12-06.json"),
+     lambda: _tests("test_suite_cpu2_20261206.json", "without_shared"), "2-core CPU, fresh clone",
+     "test_suite_cpu2_20261206.json"),
 ]
 
 

@@ -180,20 +180,11 @@ class ExportedBackbone(nn.Module):
 def _augment_dict(ckpt: dict) -> dict:
     """The training recipe's augmentations as AugmentParams fields (the probe's choice:
     the checkpoint's config, else the paper's defaults), JSON-ready."""
-    from dataclasses import asdict, fields
+    from dataclasses import asdict
 
-    from pipeline.patches import AugmentParams
+    from .protocol import training_augment
 
-    # probe.py's training_augment, which library code cannot import (probe.py is a script)
-    aug, source = AugmentParams(), "paper defaults (the checkpoint saves no augment config)"
-    saved = (ckpt.get("config") or {}).get("augment")
-    if isinstance(saved, dict):
-        known = {f.name for f in fields(AugmentParams)}
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
-        try:
-            aug, source = AugmentParams(**d), "checkpoint config"
-        except (TypeError, ValueError):
-            pass
+    aug, source = training_augment(ckpt)
     d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(aug).items()}
     return {**d, "from": source}
 

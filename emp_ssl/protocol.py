@@ -45,3 +45,22 @@ def row_seed(seed: int, split: str) -> int:
 def patch_seed(seed: int, split: str) -> int:
     """Seed of the generator that draws a split's evaluation patches."""
     return seed * 1_000_003 + split_index(split)
+
+
+def training_augment(ckpt: dict):
+    """The augmentation recipe a checkpoint was trained with (its saved config's "augment"
+    section), else the paper's defaults: ``(AugmentParams, where it came from)``. The
+    "augmented" evaluation mode draws its patches with it (probe.py, exports, ``embed``)."""
+    from dataclasses import fields
+
+    from pipeline.patches import AugmentParams
+
+    saved = (ckpt.get("config") or {}).get("augment")
+    if isinstance(saved, dict):
+        known = {f.name for f in fields(AugmentParams)}
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
+        try:
+            return AugmentParams(**d), "checkpoint config"
+        except (TypeError, ValueError):
+            pass
+    return AugmentParams(), "paper defaults (the checkpoint saves no augment config)"

@@ -223,7 +223,7 @@ def test_failed_periodic_save_keeps_previous_and_run_continues(cifar_subset_data
     warn = _warnings(capsys.readouterr().err)
     assert len(warn) == 1, warn
     assert warn[0].startswith("train: warning: checkpoint at step 6 not written (No space left on device)")
-    assert f"{out / 'ckpt.pt'} is intact" in warn[0]
+    assert f"{out / 'ckpt.pt'} is intact" in warn[0] and warn[0].endswith("(training continues)")
     failed = [r for r in records(out) if r.get("checkpoint_failed")]
     assert len(failed) == 1 and failed[0]["step"] == 6 and "No space left" in failed[0]["error"]
     assert load_checkpoint(out / "ckpt.pt")["step"] == 10
@@ -240,6 +240,7 @@ def test_failed_final_save_exits_1_and_keeps_previous(cifar_subset_data, tmp_pat
     warn = _warnings(capsys.readouterr().err)
     assert len(warn) == 1 and "checkpoint at step 10 not written" in warn[0], warn
     assert f"{out / 'ckpt.pt'} is intact" in warn[0]
+    assert "--resume" in warn[0] and "training continues" not in warn[0]  # it does not
     assert load_checkpoint(out / "ckpt.pt")["step"] == 9
     assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
     # and the run resumes from there to the end
@@ -247,3 +248,15 @@ def test_failed_final_save_exits_1_and_keeps_previous(cifar_subset_data, tmp_pat
     assert train.main(small_args(cifar_subset_data, out, "--epochs", "1", "--save-every", "3",
                                  "--resume")) == 0
     assert load_checkpoint(out / "ckpt.pt")["step"] == 10
+
+
+def test_a_write_killed_half_way_leaves_no_temp_file_behind(cifar_subset_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    half = out / ".ckpt.pt.0123456789ab.tmp"  # what atomic_path leaves when SIGKILLed mid-write
+    half.write_bytes(b"\0" * 4096)
+    other = out / "notes.tmp"  # not ours: left alone
+    other.write_text("x")
+    assert train.main(small_args(cifar_subset_data, out, "--epochs", "1")) == 0
+    assert not half.exists() and other.exists()
+    assert sorted(f.name for f in out.iterdir() if f.name.endswith(".tmp")) == ["notes.tmp"]
