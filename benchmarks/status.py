@@ -54,10 +54,16 @@ def _downstream(rel: str) -> str:
     d = _load(rel)
     if d is None:
         return "not recorded"
-    sk, eq = d["sklearn_logistic_regression"], d["feature_equality"]
-    diff = max(v["torchvision_vs_probe_cache_max_abs"] for k, v in eq.items() if isinstance(v, dict))
-    return (f"{_pct(sk['trained_top1'])} vs {_pct(sk['random_init_top1'])} random init"
-            f"{_significance(sk['paired'])}; features = probe.py's (max diff {diff:.0e})")
+    parts, diffs = [], []
+    for feature, s in d["features"].items():
+        sk = s["sklearn_logistic_regression"]
+        parts.append(f"{feature} ({s['loaded_through']}): {_pct(sk['trained_top1'])} vs "
+                     f"{_pct(sk['random_init_top1'])} random init, McNemar p={sk['paired']['mcnemar_p']:.2g}")
+        diffs += [v for r in s["feature_equality"].values() if isinstance(r, dict)
+                  for k, v in r.items() if k.endswith("_vs_probe_cache_max_abs")]
+    s = next(iter(d["features"].values()))
+    return ("; ".join(parts) + f" ({s['train_images']:,} train / {s['test_images']:,} test images); "
+            f"features = probe.py's (max diff {max(diffs):.0e})")
 
 
 def _tta(rel: str, epoch: float) -> str:
@@ -104,7 +110,7 @@ ROWS = [
      "30 steps, width 16", "imagewoof224_demo_cpu_2026-12-06/"),
     ("Exported demo encoder via torchvision + scikit-learn (CIFAR-10)", "-",
      lambda: _downstream("downstream_check_cpu2_20261206.json"),
-     "logistic regression, n=8", "downstream_check_cpu2_20261206.json"),
+     "`make demo` encoder, exported", "downstream_check_cpu2_20261206.json"),
     ("Test suite, with `../shared` (CIFAR-10)", "-",
      lambda: _tests("test_suite_cpu2_20261206.json", "with_shared"), "2-core CPU, fresh clone",
      "test_suite_cpu2_20261206.json"),
