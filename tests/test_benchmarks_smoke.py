@@ -181,14 +181,74 @@ def test_report_sections_only_with_rows(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def _lars_baseline_missing() -> str:
+    """Why benchmarks/lars_update.py's default baseline cannot be read here ('' when it can)."""
+    from benchmarks.lars_update import DEFAULT_BASELINE, BaselineUnavailable, resolve_baseline
+
+    try:
+        resolve_baseline(DEFAULT_BASELINE)
+    except BaselineUnavailable as e:
+        return f"baseline {DEFAULT_BASELINE} not in this clone's history ({e})"
+    return ""
+
+
 def test_lars_update_benchmark_agrees_with_the_previous_update(tmp_path):
+    """The default baseline, model/lars.py of 5cb8833 loaded from git history, steps the
+    parameters as today's LARS does (to float rounding)."""
+    if why := _lars_baseline_missing():
+        pytest.skip(why)  # a shallow clone
     out = tmp_path / "lars.json"
     run_tool("benchmarks/lars_update.py", "--device", "cpu", "--widths", "4", "--projector", "16,8",
              "--repeats", "1", "--updates", "1", "--threads", "1", "--json", str(out))
-    rows = json.loads(out.read_text())["rows"]
+    doc = json.loads(out.read_text())
+    assert doc["baseline"]["rev"] == "5cb8833" and doc["baseline"]["commit"].startswith("5cb8833")
+    rows = doc["rows"]
     assert [r["kind"] for r in rows] == ["previous", "foreach", "tensor_lr"]
     assert all(r["ms_per_update"] > 0 and r["ops_per_update"] > 0 for r in rows)
     assert all(r["max_param_diff_vs_previous"] < 1e-5 for r in rows)  # the same update
+    # the old update is the old code: a Python loop per parameter, more operators than today's
+    assert rows[0]["ops_per_update"] > rows[1]["ops_per_update"]
+
+
+def test_lars_update_unknown_baseline_is_one_line(tmp_path):
+    proc = run_tool("benchmarks/lars_update.py", "--baseline", "no-such-rev", "--device", "cpu",
+                    "--json", str(tmp_path / "lars.json"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--baseline no-such-rev" in lines[0] and "--baseline REV" in lines[0]
+    assert not (tmp_path / "lars.json").exists()
+
+
+def test_lars_update_baseline_imports_its_own_project_modules(tmp_path):
+    """A baseline model/lars.py that imports other project modules gets them from its own tree,
+    under its own module name; today's ``model`` and sys.path are untouched afterwards."""
+    import sys
+
+    import torch
+
+    import model
+    import model.lars
+    from benchmarks.lars_update import BaselineUnavailable, import_baseline
+
+    tree = tmp_path / "tree"
+    (tree / "model").mkdir(parents=True)
+    (tree / "model" / "__init__.py").write_text("")
+    (tree / "model" / "helper.py").write_text("SCALE = 2.0\n")
+    (tree / "model" / "lars.py").write_text(
+        "import torch\nfrom model.helper import SCALE\n\n"
+        "class LARS(torch.optim.SGD):\n    scale = SCALE\n")
+    before_path, before_model = list(sys.path), sys.modules["model"]
+    mod = import_baseline("f" * 40, tree)
+    assert mod.__name__ == "lars_baseline_" + "f" * 12 and mod.LARS.scale == 2.0
+    assert issubclass(mod.LARS, torch.optim.Optimizer) and mod.LARS is not model.lars.LARS
+    assert sys.path == before_path and sys.modules["model"] is before_model is model
+    assert "model.helper" not in sys.modules and sys.modules["model.lars"] is model.lars
+
+    (tree / "model" / "lars.py").write_text("from model.gone import LARS\n")
+    with pytest.raises(BaselineUnavailable, match="fails to import"):
+        import_baseline("e" * 40, tree)
+    assert sys.path == before_path and sys.modules["model"] is model
 
 
 def test_startup_benchmark_reports_the_breakdown(cifar_subset_data, tmp_path):
