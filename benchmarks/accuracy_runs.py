@@ -96,6 +96,8 @@ if str(ROOT) not in sys.path:
 
 from tools import compare_probes  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
+from benchmarks.runner import (  # noqa: E402
+    probe_command, read_probe, relative, run_logged as _run, shown, train_command)
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.formats import load_manifest, write_json_atomic  # noqa: E402
 
@@ -232,34 +234,6 @@ class Data:
     datasets: dict = field(default_factory=dict)  # tiny / in100 -> converted dir
 
 
-def _run(cmd: list[str], log: Path | None = None, env: dict | None = None) -> float:
-    """Run a command from the repo root (output to ``log`` when given); seconds; raise on failure."""
-    t = time.perf_counter()
-    if log is None:
-        code = subprocess.call(cmd, cwd=ROOT, env=env)
-    else:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as f:
-            f.write(("+ " + " ".join(shlex.quote(c) for c in cmd) + "\n").encode())
-            f.flush()
-            code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if code != 0:
-        where = f" (log: {log})" if log else ""
-        raise RuntimeError(f"`{' '.join(cmd[:3])} ...` exited {code}{where}")
-    return time.perf_counter() - t
-
-
-def shown(cmd: list[str]) -> str:
-    """A command as result files record it: `python` for this interpreter, no absolute paths."""
-    return " ".join(shlex.quote("python" if c == sys.executable else c) for c in cmd)
-
-
-def relative(path: str) -> str:
-    """``path`` relative to the repository root when it is absolute (result files hold no
-    machine-specific paths)."""
-    return os.path.relpath(path, ROOT) if os.path.isabs(path) else path
-
-
 def prepare(source: Path, name: str, data_dir: Path, flag: str, extra: tuple[str, ...] = ()) -> Path:
     """A converted dataset from ``source``: itself when it is one, else converted (once)."""
     if (source / "manifest.json").is_file():
@@ -343,7 +317,7 @@ class Driver:
         if probe_json.is_file() and not self.a.force:
             self.log(f"{step.name}: done before ({probe_json}), skipped")
             return
-        sc, py = self.scale_for(step), sys.executable
+        sc = self.scale_for(step)
         data = self.data_for(step)
         run = self.runs / step.name
         log = self.runs / f"{step.name}.log"
@@ -354,34 +328,29 @@ class Driver:
         schedule, trained = ((step.epochs, step.epochs) if step.epochs is not None
                              else (sc.schedule_epochs, sc.train_epochs))
         spe = self.steps_per_epoch(data, sc)
-        train = [py, "train.py", "--config", sc.config, "--data", str(data), "--out", str(run),
-                 "--seed", str(step.seed), "--epochs", f"{schedule:g}", "--run.tensorboard", "false",
-                 *sc.train_args, *self.variant_args(step), *shlex.split(self.a.train_args)]
+        train = train_command(sc.config, data, run, "--seed", str(step.seed), "--epochs", f"{schedule:g}",
+                              "--run.tensorboard", "false", *sc.train_args, *self.variant_args(step),
+                              *shlex.split(self.a.train_args))
         if trained < schedule:
             train += ["--run.max_steps", str(max(1, round(trained * spe)))]
         self.log(f"{step.name}: train ({data.name}, {schedule:g}-epoch schedule, {trained:g} trained)")
         t_train = _run(train, log, self.env)
         metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         summary = [r for r in metrics if r.get("summary")][-1]
-        probe = [py, "probe.py", "--checkpoint", str(run / "ckpt.pt"), "--data", str(data),
-                 "--out", str(run / "probe"), "--quiet", "--no-plots", *sc.probe_args,
-                 *shlex.split(self.a.probe_args)]
+        probe_extra = ["--quiet", "--no-plots", *sc.probe_args, *shlex.split(self.a.probe_args)]
         if step.variant == "jpeg" and not sc.jpeg_probe_all:
-            probe += ["--test-like", str(self.data.lossless)]
+            probe_extra += ["--test-like", str(self.data.lossless)]
+        probe = probe_command(run / "ckpt.pt", data, run / "probe", *probe_extra)
         self.log(f"{step.name}: probe")
         t_probe = _run(probe, log, self.env)
-        result = json.loads((run / "probe" / "results.json").read_text())
-        if isinstance(result.get("dataset", {}).get("source"), str):
-            result["dataset"]["source"] = relative(result["dataset"]["source"])
+        result = read_probe(run / "probe")
         random_cmd = None
         if sc.random_init:  # the baseline: same architecture, fresh weights, same pictures
-            random_cmd = [*probe[:probe.index("--out")], "--out", str(run / "probe-random-init"),
-                          "--random-init", *probe[probe.index("--out") + 2:]]
+            random_cmd = probe_command(run / "ckpt.pt", data, run / "probe-random-init", *probe_extra,
+                                       random_init=True)
             self.log(f"{step.name}: probe a random-init encoder")
             _run(random_cmd, log, self.env)
-            rand = json.loads((run / "probe-random-init" / "results.json").read_text())
-            if isinstance(rand.get("dataset", {}).get("source"), str):
-                rand["dataset"]["source"] = relative(rand["dataset"]["source"])
+            rand = read_probe(run / "probe-random-init")
             write_json_atomic(self.out / f"probe_{step.name}.random_init.json", rand)
         write_json_atomic(self.out / f"train_{step.name}.json", {
             "step": step.name, "scale": sc.name, "variant": step.variant, "seed": step.seed,

@@ -25,15 +25,14 @@ import argparse
 import json
 import math
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, results_path, write_json  # noqa: E402
+from benchmarks.runner import RunFailed, probe_command, read_probe, run_logged, train_command  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.formats import save_figure_atomic  # noqa: E402
 
@@ -47,13 +46,11 @@ SMOKE = dict(config="configs/demo.yaml", points="0.25,0.5,1", epochs=1.0,
 
 def run(cmd: list[str]) -> float:
     """Run a command from the repo root; return its wall time. Stops on failure."""
-    print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT)
-    if proc.returncode != 0:
-        print(f"time_to_accuracy: error: {cmd[1]} exited {proc.returncode}", file=sys.stderr)
-        sys.exit(proc.returncode)
-    return time.perf_counter() - t
+    try:
+        return run_logged(cmd)
+    except RunFailed as e:
+        print(f"time_to_accuracy: error: {e}", file=sys.stderr)
+        sys.exit(e.code)
 
 
 def metrics_of(run_dir: Path) -> list[dict]:
@@ -169,8 +166,8 @@ def main(argv=None) -> int:
     monitor = ["--monitor.every", a.monitor_every] if monitor_every else []
     if a.stop_at is not None:
         monitor += ["--stop-at", str(a.stop_at), "--stop-metric", a.stop_metric]
-    base = [py, "train.py", "--config", a.config, "--data", a.data, "--out", str(out / "run"),
-            "--epochs", str(epochs), *monitor, *shlex.split(a.train_args)]
+    base = train_command(a.config, a.data, out / "run", "--epochs", str(epochs), *monitor,
+                         *shlex.split(a.train_args))
     result = {"config": a.config, "data": a.data, "epochs": epochs, "smoke": a.smoke,
               "train_args": a.train_args, "probe_args": a.probe_args,
               "monitor_every": monitor_every, "stop_at": a.stop_at, "stop_metric": a.stop_metric,
@@ -196,9 +193,8 @@ def main(argv=None) -> int:
         if not points and not reached:
             break
         probe_dir = out / (f"probe_e{e:g}" if not reached else f"probe_stop_s{done_steps}")
-        probe_wall = run([py, "probe.py", "--checkpoint", str(out / "run" / "ckpt.pt"), "--data", a.data,
-                          "--out", str(probe_dir), *shlex.split(a.probe_args)])
-        r = json.loads((probe_dir / "results.json").read_text())
+        probe_wall = run(probe_command(out / "run" / "ckpt.pt", a.data, probe_dir, *shlex.split(a.probe_args)))
+        r = read_probe(probe_dir)
         result["dataset_name"] = r.get("dataset", {}).get("name", Path(a.data).name) \
             if isinstance(r.get("dataset"), dict) else Path(a.data).name
         result["points"].append({"epoch": done_steps / spe, "step": done_steps,

@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:
 
 from tools import compare_probes  # noqa: E402
 from benchmarks.common import RESULTS_DIR, environment, host_kind, renamed  # noqa: E402
+from benchmarks.runner import RunFailed, log_tail as _tail, probe_command, read_probe, run_logged  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
 from emp_ssl.checkpoints import convert_reference_checkpoint  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
@@ -164,14 +165,6 @@ def run_side(spec: dict, log: Path, env: dict) -> tuple[int, dict, float]:
     stats_path = Path(spec["stats"])
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     return code, stats, seconds
-
-
-def _tail(log: Path, lines: int = 3) -> str:
-    try:
-        text = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
-    except OSError:
-        return ""
-    return " | ".join(l.strip()[-200:] for l in text[-lines:])
 
 
 def their_timing(stats: dict, batch: int, n: int, warmup: int) -> dict:
@@ -309,16 +302,16 @@ class Comparison:
 
     def probe(self, row: dict) -> None:
         out = Path(row["checkpoint"]).parent / "probe"
-        cmd = [sys.executable, "probe.py", "--checkpoint", row["checkpoint"], "--data", str(self.data),
-               "--out", str(out), "--device", self.device, "--quiet", "--no-plots",
-               *shlex.split(self.a.probe_args)]
+        cmd = probe_command(row["checkpoint"], self.data, out, "--device", self.device, "--quiet",
+                            "--no-plots", *shlex.split(self.a.probe_args))
         log = Path(row["log"]).with_name("probe_log.txt")
+        log.unlink(missing_ok=True)
         t = time.perf_counter()
-        with open(log, "wb") as f:
-            code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=self.env)
-        if code != 0:
-            raise RuntimeError(f"probe.py exited {code} on {row['checkpoint']} (log {log}): {_tail(log)}")
-        res = json.loads((out / "results.json").read_text())
+        try:
+            run_logged(cmd, log, self.env)
+        except RunFailed as e:
+            raise RuntimeError(f"probe.py exited {e.code} on {row['checkpoint']} (log {log}): {_tail(log)}") from None
+        res = read_probe(out, relative_source=False)
         dest = self.out / f"probe_{row['side']}_r{row['repeat']}.json"
         write_json_atomic(dest, res)
         row["probe"] = {"linear_top1": res["linear_top1"], "knn_top1": res["knn_top1"],

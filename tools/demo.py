@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.runner import RunFailed, probe_command, read_probe, run_logged, train_command  # noqa: E402
+
 SHARED_DIR = ROOT.parent / "shared" / "datasets"
 SHARED = SHARED_DIR / "cifar10-png.tar.xz"  # the original, lossless pixels
 SHARED_JPEG = SHARED_DIR / "cifar10-jpeg.tar.xz"  # a lossy copy, used only where the PNGs are missing
@@ -46,11 +50,11 @@ def stale_jpeg_copy(data: Path, source: str) -> bool:
 
 
 def run(cmd: list[str]) -> None:
-    print("+", " ".join(cmd), flush=True)
-    code = subprocess.call(cmd, cwd=ROOT)
-    if code != 0:
-        print(f"demo: error: `{' '.join(cmd)}` exited {code}", file=sys.stderr)
-        sys.exit(code)
+    try:
+        run_logged(cmd)
+    except RunFailed as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        sys.exit(e.code)
 
 
 def main(argv=None) -> int:
@@ -83,23 +87,21 @@ def main(argv=None) -> int:
         run(cmd)
     preset = args.preset or ("cifar10_n20_e1" if gpu else "demo")
     out = Path(args.out)
-    train_cmd = [py, "train.py", "--config", f"configs/{preset}.yaml", "--data", str(data),
-                 "--out", str(out), "--device", args.device]
+    train_cmd = train_command(f"configs/{preset}.yaml", data, out, "--device", args.device)
     if (out / "ckpt.pt").exists():
         train_cmd.append("--resume")
     t1 = time.perf_counter()
     run(train_cmd)
     t2 = time.perf_counter()
     patches, epochs, cap = GPU_PROBE if gpu else CPU_PROBE
-    probe = [py, "probe.py", "--checkpoint", str(out / "ckpt.pt"), "--data", str(data),
-             "--num-patches", patches, "--probe-epochs", epochs, "--device", args.device]
+    probe = ["--num-patches", patches, "--probe-epochs", epochs, "--device", args.device]
     if cap != "0":
         probe += ["--max-train-images", cap]
-    run(probe + ["--out", str(out / "probe")])
-    run(probe + ["--out", str(out / "probe-random-init"), "--random-init", "--no-plots"])
+    run(probe_command(out / "ckpt.pt", data, out / "probe", *probe))
+    run(probe_command(out / "ckpt.pt", data, out / "probe-random-init", *probe, "--no-plots", random_init=True))
     t3 = time.perf_counter()
-    trained = json.loads((out / "probe" / "results.json").read_text())
-    rand = json.loads((out / "probe-random-init" / "results.json").read_text())
+    trained = read_probe(out / "probe")
+    rand = read_probe(out / "probe-random-init")
     made_from = json.loads((data / "manifest.json").read_text()).get("source", "?")
     print(f"\nEMP-SSL demo ({preset}, {'GPU' if gpu else 'CPU'}): convert {t1 - t0:.0f}s, "
           f"train {t2 - t1:.0f}s, probe {t3 - t2:.0f}s")
