@@ -42,7 +42,7 @@ import yaml
 from emp_ssl.checkpoints import CheckpointSaver, save_checkpoint
 from emp_ssl.config import (RESUME_FREE, DataConfig, LossConfig, MonitorConfig,  # noqa: F401
                             OptimConfig, RunConfig, TrainConfig, as_plain, parse_save_every)
-from emp_ssl.config import parse_args as parse_config
+from emp_ssl.config import parse_args as parse_config, preset_name
 from emp_ssl.monitor import Monitor
 from emp_ssl.runtime import git_commit, init_distributed, resolve_amp, resolve_device
 from emp_ssl.telemetry import (NonFiniteLoss, RunLog, Spans, process_age_s, startup_breakdown,
@@ -61,10 +61,10 @@ from pipeline.sources.base import SourceOptions
 IMPORT_S = time.perf_counter() - _T_IMPORTS  # seconds this module's imports took
 
 
-def parse_args(argv=None):
-    """(TrainConfig, resume: bool) from the command line (emp_ssl/config.py)."""
+def parse_args(argv=None, *, with_preset: bool = False):
+    """(TrainConfig, resume: bool[, preset name]) from the command line (emp_ssl/config.py)."""
     cfg, args = parse_config(argv, description=__doc__.split("\n\n")[0])
-    return cfg, args.resume
+    return (cfg, args.resume, preset_name(args.config)) if with_preset else (cfg, args.resume)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -76,8 +76,9 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool):
+    def __init__(self, cfg: TrainConfig, resume: bool, preset: str | None = None):
         self.cfg = cfg
+        self.preset = preset  # the recipe's name, recorded in config.yaml and ckpt.pt
         self.spans = spans = Spans()  # where the start-up time goes (summary: "startup_s")
         with spans("setup"):
             self._setup(cfg, resume)
@@ -310,7 +311,7 @@ class Trainer:
                 truncate_metrics(self.out / "metrics.jsonl", self.step)
             else:  # a run killed before its first checkpoint left records: this one starts over
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            resolved = {**as_plain(self.cfg), "git_commit": self.commit,
+            resolved = {**as_plain(self.cfg), "preset": self.preset, "git_commit": self.commit,
                         "source_resolved": self.source_name, "device": str(self.device),
                         "world_size": self.world}
             write_bytes_atomic(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
@@ -332,6 +333,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state()},
             "train_s": self.train_seconds(),
             "config": asdict(self.cfg),
+            "preset": self.preset,
             "git_commit": self.commit,
         }
 
@@ -424,8 +426,8 @@ def as_plain_dict(obj):
 
 def main(argv=None) -> int:
     try:
-        cfg, resume = parse_args(argv)
-        code = Trainer(cfg, resume).fit()
+        cfg, resume, preset = parse_args(argv, with_preset=True)
+        code = Trainer(cfg, resume, preset=preset).fit()
     except (UserError, CheckpointError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2

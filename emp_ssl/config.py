@@ -90,7 +90,7 @@ RESUME_FREE = {("run", "out"), ("run", "max_steps"), ("run", "log_every"), ("run
                ("run", "save_every"), ("data", "num_workers"),
                *(("monitor", f.name) for f in dataclasses.fields(MonitorConfig))}
 # Keys train.py adds to a saved RUN/config.yaml beside the sections (not config keys).
-RUN_RECORD_KEYS = ("git_commit", "source_resolved", "device", "world_size")
+RUN_RECORD_KEYS = ("git_commit", "source_resolved", "device", "world_size", "preset")
 
 # named flag -> (config key, help). The same names as probe.py, tools/ and benchmarks/.
 NAMED_FLAGS = {
@@ -126,6 +126,19 @@ def parse_save_every(value: str) -> tuple[int, float]:
     if not unit:
         return int(number), 0.0
     return 0, number * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def preset_name(path: Path | str) -> str:
+    """The recipe a --config names: a preset's file stem ("cifar10_n20_e1"), or, for a run's
+    saved config.yaml, the preset that run was started from (its "preset" record)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        raw = None
+    if isinstance(raw, dict) and isinstance(raw.get("preset"), str):
+        return raw["preset"]
+    return path.stem
 
 
 def load_preset(path: Path, seen=()) -> dict:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from model.checkpoint import CheckpointError, load_checkpoint, load_encoder
 from model.encoder import ARCH_BLOCKS, EncoderConfig, ResNetBackbone
 from pipeline.errors import UserError
-from pipeline.formats import atomic_path, sha256_file, write_json_atomic
+from pipeline.formats import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
 
 from .embedding import META_ATTR
 
@@ -219,7 +219,7 @@ def _checkpoint_meta(ckpt: dict, path: Path, sha: str) -> dict:
         "patch": {"patch_size": int(ckpt["patch"]["patch_size"]),
                   "out_size": int(ckpt["patch"]["out_size"])},
         "augment": _augment_dict(ckpt),
-        "training": {"preset": config.get("preset"), "epochs": ocfg.get("epochs"),
+        "training": {"preset": ckpt.get("preset"), "epochs": ocfg.get("epochs"),
                      "num_patches": dcfg.get("num_patches"), "batch_size": dcfg.get("batch_size"),
                      "seed": rcfg.get("seed"), "epoch": ckpt.get("epoch"), "step": ckpt.get("step")},
         "git_commit": {"checkpoint": ckpt.get("git_commit", "unknown"), "export": git_commit()},
@@ -229,11 +229,11 @@ def _checkpoint_meta(ckpt: dict, path: Path, sha: str) -> dict:
 
 
 def _save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata)
+    # bytes, then the project's atomic write: save_file would leave a 0600 file behind
+    write_bytes_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                  metadata=metadata))
 
 
 def export_checkpoint(ckpt_path: Path | str, out_dir: Path | str, *, projector: bool = True) -> Path:

@@ -122,8 +122,13 @@ def test_train_py_checkpoint_through_the_cli(cifar_subset_data, test_images, tmp
     out = tmp_path / "export"
     proc = run_tool("tools/export.py", "--checkpoint", str(run / "ckpt.pt"), "--out", str(out))
     assert "wrote" in proc.stdout
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # every file as readable as a plain open() makes it
     meta = json.loads((out / META_FILE).read_text())
     assert meta["width"] == 16 and meta["training"]["num_patches"] == 4
+    assert meta["training"]["preset"] == "demo"  # the recipe --config named
+    from emp_ssl.config import preset_name
+    assert preset_name(run / "config.yaml") == "demo"  # --config RUN/config.yaml keeps the name
     assert meta["training"]["step"] == 2 and meta["training"]["batch_size"] == 50
     a, b = load_backbone(out), load_backbone(run / "ckpt.pt")
     assert torch.equal(embed(test_images, a, num_patches=2), embed(test_images, b, num_patches=2))
