@@ -66,3 +66,28 @@ def test_report_regenerates_from_the_committed_results(tmp_path):
     run_tool("benchmarks/report.py", "--out", str(out))
     text = out.read_text()
     assert "|" in text and len(text.splitlines()) > 50
+
+
+RESULT_NAME = re.compile(r"^[a-z0-9_]+_(cpu\d+|h100|h200|a100)_(\d{8})(\.json)?$")
+REPORT_OUTPUTS = {"REPORT.md"}  # and the *.png plots benchmarks/report.py writes beside it
+
+
+def test_result_entries_follow_the_naming_convention():
+    """Every file or folder directly under benchmarks/results/ is `<what>_<device>_<YYYYMMDD>`
+    (+ .json for a file; benchmarks/README.md, Result files), with a real date."""
+    from datetime import datetime
+
+    bad = []
+    for path in sorted((ROOT / "benchmarks" / "results").iterdir()):
+        if path.name in REPORT_OUTPUTS or (path.is_file() and path.suffix == ".png"):
+            continue
+        m = RESULT_NAME.match(path.name)
+        if m is None or (path.is_dir() and path.name.endswith(".json")) or (
+                path.is_file() and not path.name.endswith(".json")):
+            bad.append(path.name)
+            continue
+        try:
+            datetime.strptime(m.group(2), "%Y%m%d")
+        except ValueError:
+            bad.append(path.name)
+    assert not bad, f"result entries not named <what>_<device>_<YYYYMMDD>[.json]: {bad}"
