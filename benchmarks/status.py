@@ -79,7 +79,9 @@ def _tests(rel: str, mode: str) -> str:
     if d is None or mode not in d:
         return "not recorded"
     r = d[mode]
-    return f"{r['passed']} passed, {r['skipped']} skipped, {r['wall_min']:.0f} min"
+    failed = r.get("failed", 0) + r.get("errors", 0)
+    return (f"{r['passed']} passed, {r['skipped']} skipped" + (f", {failed} FAILED" if failed else "")
+            + f", {r['wall_min']:.0f} min")
 
 
 # (what, paper / reference, ours, data and where, result file)
@@ -112,10 +114,10 @@ ROWS = [
      lambda: _downstream("downstream_check_cpu2_20261206.json"),
      "`make demo` encoder, exported", "downstream_check_cpu2_20261206.json"),
     ("Test suite, with `../shared` (CIFAR-10)", "-",
-     lambda: _tests("test_suite_cpu2_20261206.json", "with_shared"), "2-core CPU, fresh clone",
+     lambda: _tests("test_suite_cpu2_20261206.json", "with_shared"), "2-core CPU, fresh clone; minutes of set-up + tests",
      "test_suite_cpu2_20261206.json"),
     ("Test suite, without `../shared`", "-",
-     lambda: _tests("test_suite_cpu2_20261206.json", "without_shared"), "2-core CPU, fresh clone",
+     lambda: _tests("test_suite_cpu2_20261206.json", "without_shared"), "2-core CPU, fresh clone; minutes of set-up + tests",
      "test_suite_cpu2_20261206.json"),
 ]
 

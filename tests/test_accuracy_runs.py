@@ -86,28 +86,29 @@ def test_driver_bad_input_is_one_line(tmp_path):
         assert proc.stderr.strip().count("\n") == 0 and why in proc.stderr
 
 
-def _tiny_imagenet_tree(src: Path, root: Path, extra: int = 2) -> list[str]:
+def _tiny_imagenet_tree(src: Path, root: Path, official: int = 10, extra: int = 2) -> list[str]:
     """A Tiny ImageNet layout (wnids.txt, train/<wnid>/images, val/images + val_annotations.txt)
-    of real CIFAR JPEGs upscaled to 64 px, with ``extra`` classes appended to wnids.txt and
-    to the validation images, as the public copy has; returns the official class list."""
+    of ``official`` classes of real JPEGs (CIFAR, or the sample-image crops) upscaled to 64 px,
+    20 train and 5 val each, with ``extra`` classes appended to wnids.txt and to the validation
+    images, as the public copy has; returns the official class list."""
     from PIL import Image
 
     classes = sorted(p.name for p in (src / "train").iterdir())
-    wnids = [f"n{i:08d}" for i in range(len(classes) + extra)]
+    wnids = [f"n{i:08d}" for i in range(official + extra)]
     (root / "val" / "images").mkdir(parents=True)
     lines, k = [], 0
-    for i, wnid in enumerate(wnids):
-        cls = classes[i % len(classes)]
+    for i, wnid in enumerate(wnids):  # source classes reused in turn, other pictures each time
+        cls, turn = classes[i % len(classes)], i // len(classes)
         (root / "train" / wnid / "images").mkdir(parents=True)
-        for j, f in enumerate(sorted((src / "train" / cls).iterdir())[:20]):
+        for j, f in enumerate(sorted((src / "train" / cls).iterdir())[20 * turn:20 * turn + 20]):
             Image.open(f).resize((64, 64)).save(root / "train" / wnid / "images" / f"{wnid}_{j}.JPEG")
-        for f in sorted((src / "test" / cls).iterdir())[:5]:
+        for f in sorted((src / "test" / cls).iterdir())[5 * turn:5 * turn + 5]:
             Image.open(f).resize((64, 64)).save(root / "val" / "images" / f"val_{k}.JPEG")
             lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t63\t63")
             k += 1
     (root / "wnids.txt").write_text("\n".join(wnids))
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines))
-    return wnids[:len(classes)]
+    return wnids[:official]
 
 
 def test_tiny_steps_split_archive_converted_trained_and_probed_against_random_init(
@@ -130,10 +131,11 @@ def test_tiny_steps_split_archive_converted_trained_and_probed_against_random_in
                     "tiny-imagenet-200/wnids.txt", "tiny-imagenet-200/train", "tiny-imagenet-200/val"],
                    check=True)
     whole = (dev / "tiny.tar.gz").read_bytes()
-    subprocess.run(["split", "-b", "100K", str(dev / "tiny.tar.gz"), str(dev / "tiny.part.")], check=True)
+    part = len(whole) // 3 + 1  # three parts, whatever the pictures compress to (CIFAR or sample crops)
+    subprocess.run(["split", "-b", str(part), str(dev / "tiny.tar.gz"), str(dev / "tiny.part.")], check=True)
     (dev / "tiny.tar.gz").unlink()
     parts = sorted(dev.glob("tiny.part.*"))
-    assert len(parts) >= 2 and all(p.stat().st_size <= 100 * 1024 for p in parts)
+    assert len(parts) == 3 and all(p.stat().st_size <= part for p in parts)
     (dev / "tiny.tar.gz").write_bytes(b"".join(p.read_bytes() for p in parts))  # = cat parts
     assert (dev / "tiny.tar.gz").read_bytes() == whole
 
