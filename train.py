@@ -61,10 +61,13 @@ from pipeline.sources.base import SourceOptions
 IMPORT_S = time.perf_counter() - _T_IMPORTS  # seconds this module's imports took
 
 
-def parse_args(argv=None, *, with_preset: bool = False):
-    """(TrainConfig, resume: bool[, preset name]) from the command line (emp_ssl/config.py)."""
-    cfg, args = parse_config(argv, description=__doc__.split("\n\n")[0])
-    return (cfg, args.resume, preset_name(args.config)) if with_preset else (cfg, args.resume)
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+def parse_args(argv=None):
+    """(TrainConfig, resume: bool) from the command line (emp_ssl/config.py)."""
+    cfg, args = parse_config(argv, description=DESCRIPTION)
+    return cfg, args.resume
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -426,8 +429,8 @@ def as_plain_dict(obj):
 
 def main(argv=None) -> int:
     try:
-        cfg, resume, preset = parse_args(argv, with_preset=True)
-        code = Trainer(cfg, resume, preset=preset).fit()
+        cfg, args = parse_config(argv, description=DESCRIPTION)
+        code = Trainer(cfg, args.resume, preset=preset_name(args.config)).fit()
     except (UserError, CheckpointError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2

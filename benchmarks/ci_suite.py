@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, environment, portable, results_path, write_json  # noqa: E402
+from common import ROOT, environment, results_path, write_json  # noqa: E402
+from benchmarks.runner import portable  # noqa: E402
 
 MODES = ("with_shared", "without_shared")
 SUMMARY = re.compile(r"^=*\s*(?P<body>(?:\d+ \w+(?:, )?)+) in (?P<secs>[\d.]+)s")

@@ -94,23 +94,6 @@ def results_path(stem: str) -> Path:
     return RESULTS_DIR / f"{stem}_{host_kind()}_{_dt.date.today():%Y%m%d}.json"
 
 
-def portable(obj, extra: dict | None = None):
-    """``obj`` with this machine's folders written relative to the repository ('.' for the
-    checkout, '..' for the folder beside it) and ``extra``'s {folder: name} replaced, in every
-    string of nested dicts and lists: result files hold no machine-specific paths."""
-    subs = sorted({**{str(k): v for k, v in (extra or {}).items()}, str(ROOT): ".",
-                   str(ROOT.parent): ".."}.items(), key=lambda kv: -len(kv[0]))
-    if isinstance(obj, str):
-        for old, new in subs:
-            obj = obj.replace(old, new)
-        return obj
-    if isinstance(obj, dict):
-        return {k: portable(v, extra) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [portable(v, extra) for v in obj]
-    return obj
-
-
 def write_json(path: Path | str, obj) -> Path:
     """Write ``obj`` as indented JSON atomically (temp file + rename); returns the path."""
     path = Path(path)

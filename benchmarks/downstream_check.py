@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, environment, portable, results_path, write_json  # noqa: E402
+from common import ROOT, environment, results_path, write_json  # noqa: E402
+from benchmarks.runner import portable  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -90,8 +90,25 @@ def run_logged(cmd: list[str], log: Path | None = None, env: dict | None = None)
 
 def relative(path: str) -> str:
     """``path`` relative to the repository root when it is absolute (result files hold no
-    machine-specific paths)."""
+    machine-specific paths; :func:`portable` does the same inside any strings of a result)."""
     return os.path.relpath(path, ROOT) if os.path.isabs(path) else path
+
+
+def portable(obj, extra: dict | None = None):
+    """``obj`` with this machine's folders written relative to the repository ('.' for the
+    checkout, '..' for the folder beside it) and ``extra``'s {folder: name} replaced, in every
+    string of nested dicts and lists: result files hold no machine-specific paths."""
+    subs = sorted({**{str(k): v for k, v in (extra or {}).items()}, str(ROOT): ".",
+                   str(ROOT.parent): ".."}.items(), key=lambda kv: -len(kv[0]))
+    if isinstance(obj, str):
+        for old, new in subs:
+            obj = obj.replace(old, new)
+        return obj
+    if isinstance(obj, dict):
+        return {k: portable(v, extra) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v, extra) for v in obj]
+    return obj
 
 
 def read_probe(out, relative_source: bool = True) -> dict:

@@ -65,19 +65,27 @@ class ExportError(UserError, ValueError):
 
 # --------------------------------------------------------------------------- key layouts
 
+# (ours, torchvision) name pairs; stage k is torchvision's layer{k+1}. The BasicBlock names below
+# them (conv1, bn1, conv2, bn2, downsample.0/1) are the same in both.
+_PREFIXES = (("backbone.stem.0.", "conv1."), ("backbone.stem.1.", "bn1."))
+
+
+def _rename(key: str, to_tv: bool) -> str | None:
+    for ours, tv in _PREFIXES:
+        src, dst = (ours, tv) if to_tv else (tv, ours)
+        if key.startswith(src):
+            return dst + key[len(src):]
+    m = (_STAGE if to_tv else _LAYER).match(key)
+    if m is None:
+        return None
+    return f"layer{int(m[1]) + 1}.{m[2]}" if to_tv else f"backbone.stages.{int(m[1]) - 1}.{m[2]}"
+
+
 def to_torchvision_keys(state_dict: dict) -> dict:
     """Our EMPEncoder's backbone tensors under torchvision's ResNet names:
-    backbone.stem.0 -> conv1, backbone.stem.1 -> bn1, backbone.stages.{k} -> layer{k+1}
-    (the BasicBlock names below are torchvision's in both). Projector keys are dropped."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith("backbone.stem.0."):
-            out["conv1." + k[len("backbone.stem.0."):]] = v
-        elif k.startswith("backbone.stem.1."):
-            out["bn1." + k[len("backbone.stem.1."):]] = v
-        elif m := _STAGE.match(k):
-            out[f"layer{int(m[1]) + 1}.{m[2]}"] = v
-    return out
+    backbone.stem.0 -> conv1, backbone.stem.1 -> bn1, backbone.stages.{k} -> layer{k+1}.
+    Projector keys are dropped."""
+    return {new: v for k, v in state_dict.items() if (new := _rename(k, to_tv=True)) is not None}
 
 
 def from_torchvision_keys(state_dict: dict) -> dict:
@@ -85,15 +93,11 @@ def from_torchvision_keys(state_dict: dict) -> dict:
     prefix). A key with no counterpart raises ExportError."""
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("conv1."):
-            out["stem.0." + k[len("conv1."):]] = v
-        elif k.startswith("bn1."):
-            out["stem.1." + k[len("bn1."):]] = v
-        elif m := _LAYER.match(k):
-            out[f"stages.{int(m[1]) - 1}.{m[2]}"] = v
-        else:
+        new = _rename(k, to_tv=False)
+        if new is None:
             raise ExportError(f"backbone key {k!r} is not a torchvision ResNet backbone key "
                               f"(conv1, bn1, layer1-4; fc must be absent)")
+        out[new[len("backbone."):]] = v
     return out
 
 

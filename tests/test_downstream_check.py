@@ -62,7 +62,7 @@ def test_suite_summary_parsing():
 
 
 def test_portable_writes_machine_folders_relative():
-    from common import portable
+    from benchmarks.runner import portable
 
     d = portable({"a": str(ROOT / "data" / "x"), "b": [f"cd {ROOT.parent}/shared && ls", 3],
                   "c": "/clone/repo/tests", "n": None}, {"/clone": "<clone>"})
