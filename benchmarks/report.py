@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -39,8 +40,13 @@ def when(d: dict, path: Path) -> str:
 
 
 def _name(path: Path) -> str:
-    """File name, with its sub-folder of results/ when it has one."""
-    return path.name if path.parent.name == "results" else f"{path.parent.name}/{path.name}"
+    """The path below benchmarks/results/ (the last folder named ``results``); elsewhere the
+    file name with its folder."""
+    parts = path.parts
+    if "results" in parts[:-1]:
+        i = len(parts) - 1 - parts[::-1].index("results")
+        return "/".join(parts[i + 1:])
+    return f"{path.parent.name}/{path.name}"
 
 
 def _fmt(x, digits=0) -> str:
@@ -155,6 +161,11 @@ def _pct(x) -> str:
     if not isinstance(x, (int, float)):
         return "?"
     return f"{100 * x:.2f}%" if x <= 1 else f"{x:.2f}%"
+
+
+def _points(x: float) -> float:
+    """An accuracy in percent from a fraction (or from percent, as results before 2026-11-22 hold)."""
+    return 100 * x if x <= 1 else x
 
 
 def probe_rows(files) -> list[str]:
@@ -293,6 +304,150 @@ def vs_reference_rows(files) -> list[str]:
     return out
 
 
+def lars_rows(files) -> list[str]:
+    """benchmarks/lars_update.py: ms and operators per LARS update, each kind beside the
+    previous update (loaded from git history) on the same parameters."""
+    def cells(r):
+        proj = "-".join(str(x) for x in r.get("projector", []))
+        return [str(r.get("width", "?")), proj, _fmt(r.get("params", "?")), r.get("kind", "?"),
+                _fmt(r.get("ms_per_update", "?"), 1), _fmt(r.get("ops_per_update") or ""),
+                _times(r.get("speedup_vs_previous"), 2), f"{r.get('max_param_diff_vs_previous', 0):.0e}"]
+    return _rows_table(files, ["width", "projector", "parameters", "update", "ms/update", "ops/update",
+                               "speed-up vs previous", "max param diff"],
+                       ["---:", "---", "---:", "---", "---:", "---:", "---:", "---:"], cells,
+                       keep=lambda r: "ms_per_update" in r)
+
+
+STARTUP_ROWS = (("train.py process outside its loop, s", "outside_loop_s"),
+                ("train.py time to first step, s", "time_to_first_step_s"),
+                ("probe.py process, s", "probe_process_s"),
+                ("probe.py linear probe, s", ("probe_timings_s", "linear_probe")),
+                ("probe.py feature extraction, s", ("probe_timings_s", "extraction")))
+
+
+def startup_rows(files) -> list[str]:
+    """benchmarks/startup.py: medians over repeats, this revision beside the baseline's, and
+    where the time to the first step went."""
+    out = ["| measurement | baseline | this revision | baseline / this | hardware | date | file |",
+           "|---|---:|---:|---:|---|---|---|"]
+    for path, d in files:
+        med = d.get("median", {})
+        cur = med.get("current", {})
+        base_key = next((k for k in med if k.startswith("baseline")), None)
+        base = med.get(base_key, {}) if base_key else {}
+
+        def get(m, key):
+            return (m.get(key[0], {}) or {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
+        for label, key in STARTUP_ROWS:
+            a, b = get(base, key), get(cur, key)
+            if b is None:
+                continue
+            ratio = _times(a / b, 2) if isinstance(a, (int, float)) and b else ""
+            out.append(f"| {label} | {_fmt(a, 1) if a is not None else ''} | {_fmt(b, 1)} | {ratio} | "
+                       f"{where(d)} | {when(d, path)} | {_name(path)} |")
+        parts = cur.get("startup_s") or {}
+        if parts:
+            split = ", ".join(f"{k} {v:.1f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+            out.append(f"| time to first step, where it went (s) | | {split} | | {where(d)} | "
+                       f"{when(d, path)} | {_name(path)} |")
+    return out
+
+
+def monitor_cost_rows(files) -> list[str]:
+    """benchmarks/monitor_cost.py: a training step and a monitor evaluation timed in one
+    process, and the monitor's share of the wall time per interval."""
+    out = ["| preset (+ args) | n | steps/epoch | step s | evaluation s | evaluation / step | every (epochs) | "
+           "share of wall time | hardware | date | file |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for path, d in files:
+        setting = f"{Path(d.get('config', '?')).name} {d.get('train_args', '')}".strip()
+        for r in d.get("rows", []):
+            out.append(f"| {setting} | {d.get('num_patches', '?')} | {d.get('steps_per_epoch', '?')} | "
+                       f"{_fmt(d.get('step_s', '?'), 1)} | {_fmt(d.get('eval_s', '?'), 1)} | "
+                       f"{_fmt(d.get('eval_in_steps', '?'), 1)} | {r['every_epochs']:g} | "
+                       f"{100 * r['share_of_wall']:.2f}% | {where(d)} | {when(d, path)} | {_name(path)} |")
+    return out
+
+
+def augment_ops_rows(files) -> list[str]:
+    """make_patches with one augmentation op switched off at a time (patches/s)."""
+    out = ["| variant | patches/s | vs all ops | hardware | date | file |", "|---|---:|---:|---|---|---|"]
+    for path, d in files:
+        rates = d.get("patches_per_s", {})
+        base = rates.get("all ops")
+        for k, v in rates.items():
+            rel = _times(v / base, 2) if base else ""
+            out.append(f"| {k} | {_fmt(v, 1)} | {rel} | {where(d)} | {when(d, path)} | {_name(path)} |")
+    return out
+
+
+def downstream_rows(files) -> list[str]:
+    """benchmarks/downstream_check.py: the exported encoder loaded outside the trainer, its
+    features against probe.py's, and a scikit-learn classifier against a random-init encoder."""
+    out = ["| feature | loaded through | dim | train / test images | max diff vs probe.py | "
+           "scikit-learn: trained | random init | trained - random (95% CI) | McNemar p | "
+           "probe.py: trained / random init | hardware | date | file |",
+           "|---|---|---:|---|---:|---:|---:|---|---:|---|---|---|---|"]
+    for path, d in files:
+        for feature, s in d.get("features", {}).items():
+            eq = s.get("feature_equality", {})
+            diffs = [v for split in ("train", "test") for k, v in (eq.get(split) or {}).items()
+                     if k.endswith("_vs_probe_cache_max_abs")]
+            sk = s.get("sklearn_logistic_regression", {})
+            pair = sk.get("paired", {})
+            pp = s.get("probe_py_linear_top1", {})
+            out.append(f"| {feature} | {s.get('loaded_through', '?')} | {s.get('dim', '?')} | "
+                       f"{_fmt(s.get('train_images', '?'))} / {_fmt(s.get('test_images', '?'))} | "
+                       f"{max(diffs) if diffs else '?':g} | {_pct(sk.get('trained_top1'))} | "
+                       f"{_pct(sk.get('random_init_top1'))} | {100 * pair.get('diff', 0):+.2f} "
+                       f"{_ci(pair.get('ci95'))} | {pair.get('mcnemar_p', float('nan')):.2g} | "
+                       f"{_pct(pp.get('trained'))} / {_pct(pp.get('random_init'))} | {where(d)} | "
+                       f"{when(d, path)} | {_name(path)} |")
+    return out
+
+
+def test_suite_rows(files) -> list[str]:
+    """benchmarks/ci_suite.py: `bash .ci/run` in fresh clones, with and without ../shared."""
+    out = ["| mode | passed | skipped | failed | errors | minutes (set-up + tests) | pytest minutes | commit | "
+           "hardware | date | file |", "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+    for path, d in files:
+        for mode in ("with_shared", "without_shared"):
+            r = d.get(mode)
+            if not r:
+                continue
+            out.append(f"| {mode.replace('_', ' ')} | {r.get('passed')} | {r.get('skipped')} | {r.get('failed')} | "
+                       f"{r.get('errors')} | {_fmt(r.get('wall_min'), 1)} | {_fmt(r.get('pytest_min'), 1)} | "
+                       f"{str(d.get('git_commit', '?'))[:7]} | {where(d)} | {when(d, path)} | {_name(path)} |")
+    return out
+
+
+def seed_accuracy_rows(files) -> list[str]:
+    """probe_<variant>_s<seed>.json files of one folder: linear top-1 per seed, and the mean
+    linear and kNN top-1 over the seeds of each variant (accuracy_runs.py and the older gap
+    runs name their probes so)."""
+    import re
+    import statistics
+
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for path, d in files:
+        m = re.fullmatch(r"probe_(.+)_s(\d+)\.json", path.name)
+        if m is None or d.get("random_init"):
+            continue
+        groups.setdefault((_name(path).rsplit("/", 1)[0], m.group(1)), {})[int(m.group(2))] = d
+    out = ["| folder | variant | linear top-1 per seed (seed 0, 1, ...) | seeds | mean linear (sd) | "
+           "mean kNN | test images |", "|---|---|---|---:|---:|---:|---:|"]
+    for (folder, variant), seeds in groups.items():
+        lin = [_points(seeds[s]["linear_top1"]) for s in sorted(seeds)]
+        knn = [_points(seeds[s]["knn_top1"]) for s in sorted(seeds) if "knn_top1" in seeds[s]]
+        sd = f" ({statistics.stdev(lin):.2f})" if len(lin) > 1 else ""
+        tests = sorted({seeds[s].get("num_test") for s in seeds}, key=str)
+        out.append(f"| {folder} | {variant} | {' / '.join(f'{x:.1f}' for x in lin)} | {len(lin)} | "
+                   f"{statistics.fmean(lin):.2f}%{sd} | "
+                   f"{f'{statistics.fmean(knn):.2f}%' if knn else ''} | "
+                   f"{', '.join(_fmt(t) for t in tests)} |")
+    return out
+
+
 def vs_reference_bars(files) -> list[tuple[str, float, str]]:
     """(label, median patches/s, file) per side of every theirs-vs-ours result."""
     rows = []
@@ -357,36 +512,134 @@ def plot_bars(rows: list[tuple[str, float, str]], title: str, path: Path,
     return True
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--out", default=None, help="default: <results>/REPORT.md")
-    a = p.parse_args(argv)
-    res = Path(a.results)
-    out = Path(a.out) if a.out else res / "REPORT.md"
-    groups: dict[str, list] = {"pipeline": [], "train": [], "loss": [], "conversion": [], "probe": [],
-                               "tta": [], "reencode": [], "compare": [], "summary": [], "runs": [],
-                               "memory": [], "vs_reference": [], "other": []}
+GROUPS = (  # (group, file-name test), first match wins
+    ("pipeline", lambda n: n.startswith("pipeline")),
+    ("train", lambda n: n.startswith("train_throughput")),
+    ("loss", lambda n: n.startswith("loss_and_model")),
+    ("conversion", lambda n: n.startswith("conversion")),
+    ("memory", lambda n: n.startswith("convert_memory")),
+    ("probe", lambda n: n.startswith("probe")),
+    ("tta", lambda n: n.startswith("time_to_accuracy")),
+    ("reencode", lambda n: n.startswith("reencode")),
+    ("compare", lambda n: n.startswith("compare")),
+    ("vs_reference", lambda n: n.startswith("vs_reference")),
+    ("lars", lambda n: n.startswith("lars_update")),
+    ("startup", lambda n: n.startswith("startup")),
+    ("monitor_cost", lambda n: n.startswith("monitor_cost")),
+    ("augment_ops", lambda n: n.startswith("augment_ops")),
+    ("downstream", lambda n: n.startswith("downstream_check")),
+    ("test_suite", lambda n: n.startswith("test_suite")),
+    ("summary", lambda n: n == "summary.json"),
+    ("runs", lambda n: n.startswith(("train_", "env_"))),
+)
+
+# Tables by name: REPORT.md's sections and the generated blocks of docs/*.md use the same ones.
+VIEWS = {
+    "vs_reference": ("vs_reference", vs_reference_rows),
+    "conversion": ("conversion", conversion_rows),
+    "convert_memory": ("memory", convert_memory_table),
+    "pipeline": ("pipeline", pipeline_table),
+    "augment_ops": ("augment_ops", augment_ops_rows),
+    "train": ("train", train_table),
+    "loss": ("loss", loss_rows),
+    "step": ("loss", step_rows),
+    "lars": ("lars", lars_rows),
+    "startup": ("startup", startup_rows),
+    "monitor_cost": ("monitor_cost", monitor_cost_rows),
+    "seeds": ("summary", seed_summary_rows),
+    "seed_accuracies": ("probe", seed_accuracy_rows),
+    "compare": ("compare", compare_rows),
+    "probe": ("probe", probe_rows),
+    "tta": ("tta", tta_rows),
+    "reencode": ("reencode", reencode_rows),
+    "downstream": ("downstream", downstream_rows),
+    "test_suite": ("test_suite", test_suite_rows),
+}
+
+DOCS = (ROOT / "docs",)
+BLOCK = re.compile(r"(<!-- report:begin (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- report:end -->)", re.S)
+
+
+def collect(res: Path) -> dict[str, list]:
+    """Every result file under ``res``, by group (``GROUPS``; the rest under "other")."""
+    groups: dict[str, list] = {name: [] for name, _ in GROUPS}
+    groups["other"] = []
     for path in sorted(res.rglob("*.json")):
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             print(f"report: skipping {path}: {e}", file=sys.stderr)
             continue
-        name = path.name
-        key = ("pipeline" if name.startswith("pipeline") else "train" if name.startswith("train_throughput")
-               else "loss" if name.startswith("loss_and_model") else "conversion" if name.startswith("conversion")
-               else "probe" if name.startswith("probe") else "tta" if name.startswith("time_to_accuracy")
-               else "reencode" if name.startswith("reencode") else "compare" if name.startswith("compare")
-               else "vs_reference" if name.startswith("vs_reference")
-               else "summary" if name == "summary.json"
-               else "runs" if name.startswith(("train_", "env_"))
-               else "memory" if name.startswith("convert_memory") else "other")
+        key = next((g for g, test in GROUPS if test(path.name)), "other")
         groups[key].append((path, d))
+    return groups
+
+
+def render_block(spec: str, groups: dict[str, list], res: Path) -> str:
+    """The table a doc block asks for: ``VIEW GLOB [GLOB ...]``, the globs matched against
+    result paths relative to ``res`` (e.g. ``seeds paired_cpu2_20261130/*/summary.json``)."""
+    from fnmatch import fnmatch
+
+    view, *globs = spec.split()
+    if view not in VIEWS:
+        raise ValueError(f"unknown table {view!r} (known: {', '.join(VIEWS)})")
+    group, table = VIEWS[view]
+    files = [(p, d) for p, d in groups[group]
+             if not globs or any(fnmatch(p.relative_to(res).as_posix(), g) for g in globs)]
+    rows = table(files)
+    if len(rows) <= 2:
+        raise ValueError(f"table {spec!r} has no rows: no result file under {res} matches")
+    return "\n".join(rows) + "\n"
+
+
+def refresh_docs(groups: dict[str, list], res: Path, docs=DOCS, write: bool = True) -> list[str]:
+    """Regenerate every ``<!-- report:begin VIEW GLOB... -->`` block in docs/*.md. Returns the
+    files that were stale (rewritten when ``write``)."""
+    stale = []
+    for folder in docs:
+        for md in sorted(Path(folder).glob("*.md")):
+            text = md.read_text()
+            new = BLOCK.sub(lambda m: m.group(1) + render_block(m.group("spec"), groups, res) + m.group(4), text)
+            if new != text:
+                stale.append(str(md.relative_to(ROOT)) if md.is_relative_to(ROOT) else str(md))
+                if write:
+                    write_bytes_atomic(md, new.encode())
+    return stale
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=None, help="default: <results>/REPORT.md")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 naming every docs/*.md whose generated tables are stale")
+    p.add_argument("--no-docs", action="store_true", help="write REPORT.md only, not the tables in docs/*.md")
+    a = p.parse_args(argv)
+    res = Path(a.results)
+    out = Path(a.out) if a.out else res / "REPORT.md"
+    groups = collect(res)
+    if a.check or not a.no_docs:
+        try:
+            stale = refresh_docs(groups, res, write=not a.check)
+        except ValueError as e:
+            print(f"report: {e}", file=sys.stderr)
+            return 2
+        if a.check:
+            if stale:
+                print("report: generated tables are stale in " + ", ".join(stale)
+                      + ": run `python benchmarks/report.py`", file=sys.stderr)
+                return 1
+            print("report: every generated table in docs/ is current")
+            return 0
+        for name in stale:
+            print(f"report: regenerated the tables in {name}")
     lines = ["# Benchmark report", "", f"Generated by `python benchmarks/report.py` from {len(sum(groups.values(), []))} "
              "result files. Each row names the hardware and date of its own measurement.", ""]
-    def section(title: str, table: list[str], plot: tuple | None = None) -> None:
+
+    def section(title: str, view: str, plot: tuple | None = None) -> None:
         """A section when its table has rows (beyond header and rule), with its plot if drawn."""
+        group, fn = VIEWS[view]
+        table = fn(groups[group])
         if len(table) <= 2:
             return
         lines.extend([f"## {title}", "", *table, ""])
@@ -395,35 +648,39 @@ def main(argv=None) -> int:
             if plot_bars(rows, plot_title, out.parent / f"{name}.png", **kw):
                 lines.extend([f"![{name}]({name}.png)", ""])
 
-    section("Theirs vs ours: the authors' main.py beside train.py (benchmarks/vs_reference.py)",
-            vs_reference_rows(groups["vs_reference"]),
+    section("Theirs vs ours: the authors' main.py beside train.py (benchmarks/vs_reference.py)", "vs_reference",
             (vs_reference_bars(groups["vs_reference"]), "training patches/s: the authors' code vs ours, "
              "same data and machine (median over repeats)", "vs_reference", {}))
-    section("Dataset conversion", conversion_rows(groups["conversion"]))
-    section("Conversion memory vs the number of images (benchmarks/convert_memory.py)",
-            convert_memory_table(groups["memory"]))
-    section("Input pipeline (source + on-device patches)", pipeline_table(groups["pipeline"]),
+    section("Dataset conversion", "conversion")
+    section("Conversion memory vs the number of images (benchmarks/convert_memory.py)", "convert_memory")
+    section("Input pipeline (source + on-device patches)", "pipeline",
             ([(f"{r['source']} {r['device']} n={r['n']} ({where(d)})", r["patches_per_s"], _name(f))
               for f, d in groups["pipeline"] for r in d.get("rows", []) if "patches_per_s" in r],
              "pipeline patches/s per source (reference = the paper's PIL path)", "pipeline", {}))
-    section("Training step", train_table(groups["train"]),
+    section("Augmentation ops at 224 px (make_patches, one op off at a time)", "augment_ops")
+    section("Training step", "train",
             ([(f"{r['source']} {r['option']} n={r['n']} {r['device']} ({where(d)})", r["patches_per_s"],
                _name(f))
               for f, d in groups["train"] for r in d.get("rows", []) if "patches_per_s" in r],
              "training patches/s per option", "train", {}))
-    section("Loss (benchmarks/loss_and_model.py)", loss_rows(groups["loss"]),
+    section("Loss (benchmarks/loss_and_model.py)", "loss",
             ([(f"{where(d)} n={r.get('n', '?')}", r["naive_over_fused"], _name(f))
               for f, d in groups["loss"] for r in d.get("rows", [])
               if r.get("part") == "loss" and isinstance(r.get("naive_over_fused"), (int, float))],
              "fused EMP-SSL loss (forward + backward) vs the per-group loop", "loss",
              dict(xlabel="speed-up, x (log)", left=1.0)))
-    section("Training step, model only (benchmarks/loss_and_model.py)", step_rows(groups["loss"]))
-    section("Paired accuracy differences over seeds (benchmarks/accuracy_runs.py)",
-            seed_summary_rows(groups["summary"]))
-    section("Paired comparisons (tools/compare_probes.py)", compare_rows(groups["compare"]))
-    section("Probes", probe_rows(groups["probe"]))
-    section("Time to accuracy (linear probe after E epochs of one run)", tta_rows(groups["tta"]))
-    section("JPEG re-encodings of the data (tools/reencode_jpeg.py)", reencode_rows(groups["reencode"]))
+    section("Training step, model only (benchmarks/loss_and_model.py)", "step")
+    section("LARS update (benchmarks/lars_update.py)", "lars")
+    section("Start-up (benchmarks/startup.py)", "startup")
+    section("Accuracy monitor cost (benchmarks/monitor_cost.py)", "monitor_cost")
+    section("Paired accuracy differences over seeds (benchmarks/accuracy_runs.py)", "seeds")
+    section("Accuracy per seed (probe_<variant>_s<seed>.json)", "seed_accuracies")
+    section("Paired comparisons (tools/compare_probes.py)", "compare")
+    section("Probes", "probe")
+    section("Time to accuracy (linear probe after E epochs of one run)", "tta")
+    section("JPEG re-encodings of the data (tools/reencode_jpeg.py)", "reencode")
+    section("The exported encoder outside the trainer (benchmarks/downstream_check.py)", "downstream")
+    section("Test suite in fresh clones (benchmarks/ci_suite.py)", "test_suite")
     if groups["other"]:
         lines += ["Unrecognised result files: " + ", ".join(p.name for p, _ in groups["other"]), ""]
     write_bytes_atomic(out, "\n".join(lines).encode())
