@@ -36,7 +36,12 @@ def where(d: dict) -> str:
 
 
 def when(d: dict, path: Path) -> str:
-    return str(d.get("date", "") or "")[:10] or path.parent.name
+    """The file's own date, else the one its result name carries (`<what>_<device>_<YYYYMMDD>`)."""
+    date = str(d.get("date", "") or "")[:10]
+    if date:
+        return date
+    m = re.search(r"_(\d{4})(\d{2})(\d{2})(\.json)?$", _name(path).split("/")[0])
+    return "-".join(m.groups()[:3]) if m else "?"
 
 
 def _name(path: Path) -> str:
@@ -68,11 +73,14 @@ def _rows_table(files, columns: list[str], align: str, cells, keep=lambda r: "pa
 
 def pipeline_table(files) -> list[str]:
     def cells(r):
-        vs = r.get("vs_reference")
-        return [r["source"], r["device"], str(r["n"]), _fmt(r["patches_per_s"]),
-                _fmt(r.get("images_per_s", 0)), f"{vs:.1f}x" if vs else ""]
-    return _rows_table(files, ["source", "device", "n", "patches/s", "images/s", "vs reference"],
-                       ["---"] * 3 + ["---:"] * 3, cells)
+        vs, share = r.get("vs_reference"), r.get("share_of_step")
+        pps = r["patches_per_s"]
+        return [r["source"], r["device"], str(r["n"]), _fmt(pps, 2 if pps < 100 else 0),
+                _fmt(r.get("images_per_s", 0), 2 if pps < 100 else 0), f"{vs:.1f}x" if vs else "",
+                f"{100 * share:.1f}%" if share is not None else ""]
+    return _rows_table(files, ["source", "device", "n", "patches/s", "images/s", "vs reference",
+                               "share of a serial step (--model-step)"],
+                       ["---"] * 3 + ["---:"] * 4, cells)
 
 
 def convert_memory_table(files) -> list[str]:
@@ -169,8 +177,8 @@ def _points(x: float) -> float:
 
 
 def probe_rows(files) -> list[str]:
-    out = ["| checkpoint | data | test images | epochs | feature | test patches | linear top-1 | "
-           "kNN top-1 | file |", "|---|---|---:|---:|---|---:|---:|---:|---|"]
+    out = ["| checkpoint | data | test images | epochs | feature | eval mode | test patches | linear top-1 | "
+           "kNN top-1 | file |", "|---|---|---:|---:|---|---|---:|---:|---:|---|"]
     for path, d in files:
         ck = d.get("checkpoint", {})
         init = " (random init)" if d.get("random_init") else ""
@@ -178,7 +186,7 @@ def probe_rows(files) -> list[str]:
         src = Path(ds.get("source") or "").name
         data = f"{ds.get('name', '?')}" + (f" ({src})" if src else "")
         out.append(f"| {ck.get('path', '?')}{init} | {data} | {_fmt(d.get('num_test', '?'))} | "
-                   f"{ck.get('epoch', '')} | {d.get('feature')} | {d.get('test_patches')} | "
+                   f"{ck.get('epoch', '')} | {d.get('feature')} | {d.get('eval_mode', 'augmented')} | {d.get('test_patches')} | "
                    f"{_pct(d.get('linear_top1'))} | {_pct(d.get('knn_top1'))} | {_name(path)} |")
     return out
 
