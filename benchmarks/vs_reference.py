@@ -3,7 +3,7 @@
     git clone https://github.com/tsb0601/EMP-SSL ../EMP-SSL            # their code, never copied here
     python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10                # GPU: their README's "1 epoch"
     python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10 --smoke        # CPU, minutes
-    python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10 --bs 4 --steps 300 \\
+    python benchmarks/vs_reference.py --ref-dir ../EMP-SSL --data data/cifar10 --batch-size 4 --steps 300 \\
         --repeats 3 --device cpu --probe-args "--num-patches 4 --probe-epochs 10 --max-images 1000"
                                                 # the committed CPU measurement: ~1 h on 2 cores
 
@@ -228,7 +228,7 @@ class Comparison:
         self.images_per_epoch = min(count, a.steps * a.bs) if a.steps else count
         self.steps_per_epoch = self.images_per_epoch // a.bs
         if self.steps_per_epoch < 1:
-            raise UserError(f"--bs {a.bs}: more than the {count} train images of --data {a.data}")
+            raise UserError(f"--batch-size {a.bs}: more than the {count} train images of --data {a.data}")
         self.schedule_steps = (THEIR_DATASET_SIZE // a.bs) * a.epochs
         self.kept_steps = a.keep_epochs * self.steps_per_epoch
         self.warmup = min(a.warmup_steps, max(0, self.kept_steps - 1))
@@ -487,7 +487,7 @@ def parse_args(argv=None):
                    help="probe.py arguments for both sides (default: its own, the paper's probe)")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="time the training only")
     p.add_argument("--smoke", action="store_true",
-                   help="minutes on a CPU: --bs 10 --num-patches 4 --steps 3 --warmup-steps 1, a tiny probe")
+                   help="minutes on a CPU: --batch-size 10 --num-patches 4 --steps 3 --warmup-steps 1, a tiny probe")
     a = p.parse_args(renamed(argv, {"--bs": "--batch-size"}, "vs_reference"))
     if a.smoke:
         a.bs, a.num_patches, a.steps, a.warmup_steps = 10, 4, 3, 1
@@ -502,7 +502,7 @@ def validate(a):
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= 1")
     if a.bs < 2:
-        raise UserError(f"--bs {a.bs}: the coding rate needs >= 2 images per step")
+        raise UserError(f"--batch-size {a.bs}: the coding rate needs >= 2 images per step")
     if a.keep_epochs > a.epochs:
         raise UserError(f"--keep-epochs {a.keep_epochs}: more than the schedule's --epochs {a.epochs}")
     if a.steps < 0 or a.warmup_steps < 0:
