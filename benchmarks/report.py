@@ -1,16 +1,25 @@
-"""Collect benchmarks/results/**/*.json into one Markdown report with plots.
+"""Collect benchmarks/results/**/*.json into one Markdown report with plots, and regenerate
+the tables that docs/*.md quote.
 
-    python benchmarks/report.py [--results benchmarks/results] [--out benchmarks/results/REPORT.md]
+    python benchmarks/report.py            # results/REPORT.md + plots, and every table in docs/*.md
+    python benchmarks/report.py --check    # exit 1 naming each doc whose tables are stale (a test runs it)
+    python benchmarks/report.py --results DIR --out FILE   # another results folder (docs untouched)
 
 Every figure in the tables carries where (hardware) and when (date) it was measured, taken
-from the JSON that holds it. Recognised files (by name): pipeline*, train_throughput*,
-loss_and_model*, conversion*, convert_memory*, probe*, time_to_accuracy*, reencode*, vs_reference*
-(the authors' code beside ours: a table and vs_reference.png), compare* (paired probe comparisons),
-summary.json (accuracy_runs.py's per-seed aggregates); train_<step>/env_* files of accuracy_runs.py
-are counted, not tabulated; others are listed as unrecognised. A section appears only when it has
-rows. Plots (PNG beside the report):
-pipeline patches/s per source (the reference source, the paper's PIL path, among them),
-training patches/s per option and source, the fused loss's speed-up over the per-group loop.
+from the JSON that holds it. Files are grouped by name (``GROUPS``: pipeline*, train_throughput*,
+loss_and_model*, conversion*, convert_memory*, probe*, time_to_accuracy*, reencode*, compare*,
+vs_reference*, lars_update*, startup*, monitor_cost*, augment_ops*, downstream_check*,
+test_suite*, summary.json; train_<step>/env_* files of accuracy_runs.py are counted, not
+tabulated; others are listed as unrecognised), and each named table (``VIEWS``) is drawn from
+one group. REPORT.md has a section per table with rows; plots beside it: pipeline patches/s per
+source, training patches/s per option, the fused loss's speed-up over the per-group loop, and
+the authors' code vs ours.
+
+A doc quotes a table as a generated block; the globs (relative to benchmarks/results/) pick
+its files, and report.py rewrites what lies between the markers:
+
+    <!-- report:begin seeds paired_cpu2_20261130/*/summary.json -->
+    <!-- report:end -->
 """
 from __future__ import annotations
 
@@ -621,12 +630,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="default: <results>/REPORT.md")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 naming every docs/*.md whose generated tables are stale")
-    p.add_argument("--no-docs", action="store_true", help="write REPORT.md only, not the tables in docs/*.md")
+    p.add_argument("--no-docs", action="store_true",
+                   help="write REPORT.md only, not the tables in docs/*.md (those are regenerated only "
+                        "from the repository's own benchmarks/results/)")
     a = p.parse_args(argv)
     res = Path(a.results)
     out = Path(a.out) if a.out else res / "REPORT.md"
     groups = collect(res)
-    if a.check or not a.no_docs:
+    # docs/*.md quote the committed results: their tables come from benchmarks/results/ only
+    docs = res.resolve() == (ROOT / "benchmarks" / "results").resolve() and not a.no_docs
+    if a.check and not docs:
+        p.error("--check compares docs/*.md with benchmarks/results/ (leave --results and --no-docs out)")
+    if docs:
         try:
             stale = refresh_docs(groups, res, write=not a.check)
         except ValueError as e:

@@ -1,5 +1,6 @@
 """The one place that builds and runs train.py / probe.py command lines for the accuracy drivers
-(benchmarks/accuracy_runs.py, time_to_accuracy.py, vs_reference.py and tools/demo.py).
+(benchmarks/accuracy_runs.py, time_to_accuracy.py, vs_reference.py (train.py through
+ref_bootstrap.py, in-process) and tools/demo.py).
 
     train_command(config, data, out, *extra)        -> [python, "train.py", --config, --data, --out, *extra]
     probe_command(checkpoint, data, out, *extra,

@@ -61,7 +61,8 @@ if str(ROOT) not in sys.path:
 
 from tools import compare_probes  # noqa: E402
 from benchmarks.common import RESULTS_DIR, environment, host_kind, renamed  # noqa: E402
-from benchmarks.runner import RunFailed, log_tail as _tail, probe_command, read_probe, run_logged  # noqa: E402
+from benchmarks.runner import (RunFailed, log_tail as _tail, probe_command, read_probe, run_logged,
+                               train_command)  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
 from emp_ssl.checkpoints import convert_reference_checkpoint  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
@@ -246,16 +247,20 @@ class Comparison:
                 "--bs", str(a.bs), "--dir", "vs_reference", "--msg", f"r{repeat}"]
 
     def our_argv(self, run: Path, seed: int) -> list[str]:
+        """train.py's arguments, from the runner every accuracy driver uses (without the
+        interpreter and script: ref_bootstrap.py calls train.main in its own process, measured
+        by the same hooks as their side)."""
         a = self.a
-        argv = ["--config", str(ROOT / a.ours_config), "--data", str(self.data), "--out", str(run),
-                "--seed", str(seed), "--epochs", f"{self.schedule_steps / self.steps_per_epoch:.12g}",
-                "--num-patches", str(a.num_patches), "--data.batch_size", str(a.bs),
-                "--optim.lr", f"{a.lr:g}", "--loss.lam", "200", "--device", self.device,
-                "--run.max_steps", str(self.kept_steps), "--run.log_every", str(max(1, self.warmup)),
-                "--run.tensorboard", "false"]
+        extra = ["--seed", str(seed), "--epochs", f"{self.schedule_steps / self.steps_per_epoch:.12g}",
+                 "--num-patches", str(a.num_patches), "--batch-size", str(a.bs),
+                 "--optim.lr", f"{a.lr:g}", "--loss.lam", "200", "--device", self.device,
+                 "--run.max_steps", str(self.kept_steps), "--run.log_every", str(max(1, self.warmup)),
+                 "--run.tensorboard", "false"]
         if a.steps:
-            argv += ["--data.max_images", str(self.images_per_epoch)]
-        return argv + shlex.split(a.ours_args)
+            extra += ["--data.max_images", str(self.images_per_epoch)]
+        cmd = train_command(ROOT / a.ours_config, self.data, run, *extra, *shlex.split(a.ours_args))
+        assert cmd[1] == "train.py", cmd
+        return cmd[2:]
 
     # -- sides
     def run_theirs(self, repeat: int, seed: int) -> dict:

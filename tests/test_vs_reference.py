@@ -125,7 +125,7 @@ def test_vs_reference_end_to_end_on_a_stand_in_checkout(tmp_path):
     data = make_dataset(tmp_path / "cifar10", name="cifar10", num_classes=10, side=32, per_split=(60, 30))
     out, runs = tmp_path / "results", tmp_path / "runs"
     argv = ["benchmarks/vs_reference.py", "--ref-dir", str(ref), "--data", str(data), "--out", str(out),
-            "--runs", str(runs), "--bs", "4", "--num-patches", "2", "--steps", "2", "--warmup-steps", "1",
+            "--runs", str(runs), "--batch-size", "4", "--num-patches", "2", "--steps", "2", "--warmup-steps", "1",
             "--device", "cpu", "--ours-args", "--model.width 16 --model.projector 64,16",
             "--probe-args", "--num-patches 2 --probe-epochs 2"]
     if not git:
