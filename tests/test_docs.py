@@ -103,8 +103,12 @@ def test_docs_tables_are_what_report_generates():
     groups = report.collect(RESULTS)
     stale = report.refresh_docs(groups, RESULTS, write=False)
     assert not stale, f"generated tables are stale in {stale}: run `python benchmarks/report.py`"
+    specs = []
     for name in ("performance.md", "reproduction.md", "datasets.md"):
-        assert len(report.BLOCK.findall((ROOT / "docs" / name).read_text())) >= 2, name
+        blocks = [m.group("spec") for m in report.BLOCK.finditer((ROOT / "docs" / name).read_text())]
+        assert len(blocks) >= 2, name
+        specs += blocks
+    assert len(specs) == len(set(specs)), "a table is quoted twice: link to the one place instead"
 
 
 def test_a_stale_or_unknown_doc_table_is_caught(tmp_path):
