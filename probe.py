@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     fx.add_argument("--extract-batch", type=int, default=0,
                     help="images per encoder call (x num-patches patches); 0 = auto")
     fx.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                    help="extraction precision: auto = bf16 autocast on CUDA (2.5x faster), fp32 "
+                    help="extraction precision: auto = bf16 autocast on CUDA (faster), fp32 "
                          "on CPU; fp32 = the reference code's. Part of the feature-cache key")
 
     lp = p.add_argument_group("linear probe: SGD with lr_e = lr (1 + cos(pi e / epochs)) / 2")

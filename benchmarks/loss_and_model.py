@@ -17,21 +17,8 @@
 Figures are medians over repeats after warm-up; ratios are to the baseline measured in the
 same run. JSON in benchmarks/results/ (hardware, versions, command and load average inside).
 
-Results, 2026-11-22 (benchmarks/results/loss_and_model_{h100_eager,h100_compiled,cpu2}_20261122.json;
-the H100 step rows were timed on a hand-written equivalent of EmpStep, see below):
-  H100 80GB HBM3, torch 2.11, fp32 loss:  n=20  naive 58.9 ms, fused 2.15 ms (27x)
-                                          n=200 naive 712 ms,  fused 4.06 ms (175x)
-  H100 step, 100 x 20 patches @ 32 px, width 64, patches/s (TF32 on):
-      eager    fp32 contiguous 19.8k | fp32 channels_last 32.1k | bf16 channels_last 54.4k
-      compiled fp32 contiguous 35.8k | bf16 contiguous 70.4k   | bf16 channels_last 70.8k
-      (eager and compiled rows are two runs on the same machine kind; both ran before the
-      invariance term switched from F.cosine_similarity to the einsum form, and before this
-      script timed EmpStep: they timed an equivalent hand-written step with TF32 matmuls on,
-      which train.py keeps off, so their fp32 rows overstate fp32 training; not re-measured)
-  2-core AMD EPYC shared with other jobs, --threads 1 (re-measured with EmpStep): loss n=20
-  naive 1854 ms, fused 29 ms (64x); n=200 naive 42.1 s, fused 314 ms (134x). CPU step rows
-  (20 x 4 @ 32 px): width 64 eager 25-52 patches/s (bf16 ~2x fp32), compiled 29-51, width 16
-  151-213; the shared machine makes them noisy (see the JSON).
+What it measured: docs/performance.md ("The loss", "The training step"), generated from the
+result files by benchmarks/report.py.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ runs (model.step.EmpStep: ResNet-18 forward, the EMP-SSL loss, backward, LARS up
 a CPU, bf16 autocast on CUDA, eager) on a fixed patch tensor of the same geometry and batch, and
 to every source row ``share_of_step`` = t_pipeline / (t_pipeline + t_model) per patch: the
 fraction of a serial step (data, then model) the pipeline takes. At 224 px on a CPU use a small
-batch (the model does ~15 patches/s on 2 cores at width 64):
+batch (the width-64 model step is slow there):
 
     python benchmarks/pipeline_throughput.py --data data/imagewoof --num-patches 20 --patch-size 112 \
         --out-size 224 --batch-size 8 --model-step --model-width 64 --model-steps 1
