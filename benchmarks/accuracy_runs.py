@@ -48,9 +48,8 @@ Scales (``--scale``, default gpu when CUDA is present, else demo; ``--smoke`` = 
            8 patches, 30 epochs, 4,000 train images
     smoke  CPU, tiny: for CI (a minute a step on the subset datasets the tests build)
 
-Tiny ImageNet on the GPU machine (``../shared/GPU_QUEUE.md`` item 4). The machine has no copy
-and a call carries at most 64 MiB, so the raw train + val JPEGs travel as a .tar.gz (152 MB:
-three parts of at most 55 MiB), reassembled and converted there (once: ``--tiny`` converts an archive
+Tiny ImageNet on a GPU machine without a copy, whose calls carry at most 64 MiB: the raw
+train + val JPEGs travel as a .tar.gz in parts of at most 55 MiB, reassembled and converted there (once: ``--tiny`` converts an archive
 into ``--data-dir``/tinyimagenet with ``--classes configs/tinyimagenet_wnids200.txt``, the
 official 200 classes; the public copy has two extra)::
 
@@ -64,7 +63,7 @@ official 200 classes; the public copy has two extra)::
         --scale gpu --tiny .device/tiny.tar.gz --steps tiny_s0,tiny_e10_s0 --out runs/tiny_acc; \
         cp -r runs/tiny_acc $OUT/
 
-(benchmarks/README.md, "Tiny ImageNet on the GPU", has the same recipe and its CPU smoke test.)
+(benchmarks/README.md, "Runs on a GPU", has the same recipe and its CPU smoke test.)
 
 Per step, in ``--out``: ``probe_<step>.json`` (probe.py's results.json: accuracies and every test
 picture's prediction) and ``train_<step>.json`` (command, training summary, wall-clock). After

@@ -148,13 +148,23 @@ def step_rows(files) -> list[str]:
 
 
 def conversion_rows(files) -> list[str]:
-    out = ["| images | per format (images/s, end to end) | total images/s | hardware | date | file |",
-           "|---:|---|---:|---|---|---|"]
+    """tools/convert_datasets.py --timings-json: images/s per format (end to end) and in all,
+    the decode rate, the wall time, the converter's peak memory and how many JPEGs the DALI
+    shards keep byte for byte."""
+    out = ["| data | images | per format (images/s, end to end) | total images/s | decode images/s | total s | "
+           "peak RSS MiB | JPEGs kept untouched | hardware | date | file |",
+           "|---|---:|---|---:|---:|---:|---:|---|---|---|---|"]
     for path, d in files:
-        ips = d.get("images_per_s", {})
+        ips, ds = d.get("images_per_s", {}), d.get("dataset", {})
         per = ", ".join(f"{k.split('_')[0]} {_fmt(v)}" for k, v in ips.items() if k.endswith("end_to_end"))
-        out.append(f"| {_fmt(d.get('dataset', {}).get('images', '?'))} | {per} | {_fmt(ips.get('total', 0))} | "
-                   f"{where(d)} | {when(d, path)} | {_name(path)} |")
+        shape = ds.get("shape")
+        data = f"{Path(ds.get('source') or '?').name} ({shape[0]} px)" if shape else Path(ds.get("source") or "?").name
+        kept = ds.get("dali_jpegs_untouched")
+        kept = ", ".join(f"{k} {_fmt(v)}" for k, v in kept.items()) if isinstance(kept, dict) else ""
+        rss = d.get("peak_rss_mib")
+        out.append(f"| {data} | {_fmt(ds.get('images', '?'))} | {per} | {_fmt(ips.get('total', 0))} | "
+                   f"{_fmt(ips.get('decode', ''))} | {_fmt((d.get('seconds') or {}).get('total', ''), 1)} | "
+                   f"{_fmt(rss) if rss is not None else ''} | {kept} | {where(d)} | {when(d, path)} | {_name(path)} |")
     return out
 
 

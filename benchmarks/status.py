@@ -66,6 +66,16 @@ def _downstream(rel: str) -> str:
             f"features = probe.py's (max diff {max(diffs):.0e})")
 
 
+def _trained(rel: str, where: str) -> str:
+    """The Setting cell of a probed run, read from its probe file: where it ran, the encoder's
+    width and the training steps behind the checkpoint."""
+    d = _load(rel)
+    if d is None:
+        return "missing result file"
+    ck = d["checkpoint"]
+    return f"{where}, width {ck['encoder']['width']}, {ck['step']:,} steps"
+
+
 def _tta(rel: str, epoch: float) -> str:
     d = _load(rel)
     if d is None:
@@ -96,7 +106,7 @@ ROWS = [
      lambda: "waiting for a GPU run", "one GPU, lossless pixels, benchmarks/vs_reference.py", "-"),
     ("CIFAR-10 demo (`make demo`)", "-",
      lambda: _probe_pair("demo_cpu2_20261201/probe.json", "demo_cpu2_20261201/probe_random_init.json"),
-     "2-core CPU, width 32, n=8", "demo_cpu2_20261201/"),
+     lambda: _trained("demo_cpu2_20261201/probe.json", "2-core CPU"), "demo_cpu2_20261201/"),
     ("Tiny ImageNet, 1 epoch / 10 epochs, n=20", "38.1% / 51.5% (paper)",
      lambda: "waiting for a GPU run (recipe smoke-tested)", "one GPU, benchmarks/accuracy_runs.py tiny steps",
      "tinyimagenet_recipe_smoke_cpu2_20261206/"),
@@ -104,12 +114,14 @@ ROWS = [
      lambda: _probe_pair("tinyimagenet_demo_cpu2_20261206/probe_tiny_s0.json",
                          "tinyimagenet_demo_cpu2_20261206/probe_tiny_s0.random_init.json",
                          "tinyimagenet_demo_cpu2_20261206/compare_tiny_s0_vs_random_init.json"),
-     "200 classes, 100 steps, width 16", "tinyimagenet_demo_cpu2_20261206/"),
+     lambda: _trained("tinyimagenet_demo_cpu2_20261206/probe_tiny_s0.json", "200 classes"),
+     "tinyimagenet_demo_cpu2_20261206/"),
     ("Imagewoof at 224 px (`imagenet100` preset), CPU scale", "-",
      lambda: _probe_pair("imagewoof224_demo_cpu2_20261206/probe_in100_s0.json",
                          "imagewoof224_demo_cpu2_20261206/probe_in100_s0.random_init.json",
                          "imagewoof224_demo_cpu2_20261206/compare_in100_s0_vs_random_init.json"),
-     "30 steps, width 16", "imagewoof224_demo_cpu2_20261206/"),
+     lambda: _trained("imagewoof224_demo_cpu2_20261206/probe_in100_s0.json", "10 classes"),
+     "imagewoof224_demo_cpu2_20261206/"),
     ("Exported demo encoder via torchvision + scikit-learn (CIFAR-10)", "-",
      lambda: _downstream("downstream_check_cpu2_20261206.json"),
      "`make demo` encoder, exported", "downstream_check_cpu2_20261206.json"),
@@ -126,6 +138,7 @@ def table() -> str:
     lines = ["| What | Paper / reference | Ours | Setting | Result file |", "|---|---|---|---|---|"]
     for what, paper, ours, setting, rel in ROWS:
         link = f"[{rel}](benchmarks/results/{rel})" if rel != "-" else "-"
+        setting = setting() if callable(setting) else setting
         lines.append(f"| {what} | {paper} | {ours()} | {setting} | {link} |")
     return "\n".join(lines) + "\n"
 

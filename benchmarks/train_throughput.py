@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py --data data/cifar10                 # defaults per device
     python benchmarks/train_throughput.py --data data/cifar10 --num-patches 200,20 \
-        --options eager,compiled,graphs,compiled_graphs                      # GPU_QUEUE item 5
+        --options eager,compiled,graphs,compiled_graphs                      # every option, GPU
 
 Each row times full EMP-SSL steps (model.step.EmpStep: encode, fused loss, backward, LARS) fed
 either by a real source (source iteration + pipeline.patches.make_patches on the device) or by

@@ -135,7 +135,8 @@ def test_a_stale_or_unknown_doc_table_is_caught(tmp_path):
 # speed-up ratio, a rate. Outside generated blocks only the figures below may appear: the
 # paper's and the authors' README's published results, an independent port's, and this
 # project's goals. None of them is a measurement of ours.
-FIGURE = re.compile(r"\d+\.\d+ ?%|(?<![\w.])\d+(\.\d+)?x\b|\d[\d,.]* ?(patches|images)/s")
+FIGURE = re.compile(r"\d+\.\d+ ?%|(?<![\w.])\d+(\.\d+)?x\b|\d[\d,.]*k? ?(patches|images|img)/s"
+                    r"|\d+\.\d+ ?(s|ms|min|MiB|GiB|GB)\b|load average \d")
 PUBLISHED = {"84.2%", "80.6%", "85.1%", "90.7%", "91.5%", "93.1%", "93.4%",  # CIFAR-10 (paper, ref README)
              "38.1%", "51.5%", "58.5%", "78.9%",  # Tiny ImageNet, ImageNet-100 (paper)
              "82.11%",  # github.com/bartoszzuk/emp-ssl, 1 epoch
