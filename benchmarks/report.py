@@ -183,16 +183,14 @@ def reencode_rows(files) -> list[str]:
     return out
 
 
-def _pct(x) -> str:
-    """probe.py reports fractions; results from before that change hold percent."""
-    if not isinstance(x, (int, float)):
-        return "?"
-    return f"{100 * x:.2f}%" if x <= 1 else f"{x:.2f}%"
-
-
 def _points(x: float) -> float:
-    """An accuracy in percent from a fraction (or from percent, as results before 2026-11-22 hold)."""
+    """An accuracy in percent: probe.py reports fractions; results from before that change hold
+    percent."""
     return 100 * x if x <= 1 else x
+
+
+def _pct(x) -> str:
+    return f"{_points(x):.2f}%" if isinstance(x, (int, float)) else "?"
 
 
 def probe_rows(files) -> list[str]:
@@ -452,7 +450,6 @@ def seed_accuracy_rows(files) -> list[str]:
     """probe_<variant>_s<seed>.json files of one folder: linear top-1 per seed, and the mean
     linear and kNN top-1 over the seeds of each variant (accuracy_runs.py and the older gap
     runs name their probes so)."""
-    import re
     import statistics
 
     groups: dict[tuple[str, str], dict[int, dict]] = {}
